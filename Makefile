@@ -1,0 +1,29 @@
+# `make demo` and `make test` create the virtual environment when it is missing (or when setup.py
+# changed since it was made), then run.
+PYTHON_BASE ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench env clean
+
+env: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m engine.demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/sync_overhead.py
+	$(PY) benchmarks/scaling.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs

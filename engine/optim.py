@@ -1,0 +1,79 @@
+"""Optimizers on flat float32 buffers.
+
+An optimizer here holds only hyper-parameters. Its per-parameter state (momentum, Adam moments)
+lives in a buffer the processor owns, shaped ``(optimizer.num_buffers, num_weights)``, and every
+update touches only ``[start, stop)``: in ``sync="gradients"`` mode worker *i* updates slice *i* of
+the shared parameters and keeps only that slice of optimizer state.
+"""
+from dataclasses import dataclass
+
+from engine import kernels
+
+
+@dataclass(frozen=True)
+class SGD:
+    """Stochastic gradient descent; plain unless ``momentum`` > 0 (optionally Nesterov)."""
+
+    momentum: float = 0.0
+    nesterov: bool = False
+
+    def __post_init__(self):
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1). Received: momentum={self.momentum!r}.")
+        if self.nesterov and self.momentum == 0.0:
+            raise ValueError("nesterov=True needs momentum > 0. Received: momentum=0.0.")
+
+    @property
+    def num_buffers(self):
+        return 1 if self.momentum > 0 else 0
+
+    def update_into(self, params, buffers, grads, start, stop, learning_rate, step, scale):
+        velocity = buffers[0] if self.num_buffers else grads  # unused without momentum
+        kernels.sgd_into(params, velocity, grads, start, stop, learning_rate, self.momentum,
+                         self.nesterov, scale)
+
+
+@dataclass(frozen=True)
+class Adam:
+    """Adam (Kingma & Ba); ``weight_decay`` > 0 makes it AdamW (decoupled decay)."""
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    epsilon: float = 1e-7
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1). Received: {name}={value!r}.")
+        if self.epsilon <= 0 or self.weight_decay < 0:
+            raise ValueError(f"epsilon must be > 0 and weight_decay >= 0. Received: "
+                             f"epsilon={self.epsilon!r}, weight_decay={self.weight_decay!r}.")
+
+    num_buffers = 2
+
+    def update_into(self, params, buffers, grads, start, stop, learning_rate, step, scale):
+        kernels.adam_into(params, buffers[0], buffers[1], grads, start, stop, learning_rate,
+                          self.beta1, self.beta2, self.epsilon, step, self.weight_decay, scale)
+
+
+def AdamW(weight_decay=0.01, **options):
+    """Adam with decoupled weight decay (Loshchilov & Hutter)."""
+    return Adam(weight_decay=weight_decay, **options)
+
+
+_BY_NAME = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+
+
+def make_optimizer(optimizer):
+    """Turn ``"sgd"``, ``"adam"``, ``"adamw"`` or an optimizer object into an optimizer object."""
+    if isinstance(optimizer, str):
+        if optimizer.lower() not in _BY_NAME:
+            raise ValueError(f"unknown optimizer {optimizer!r}. Use one of {sorted(_BY_NAME)} or an "
+                             "optimizer object such as engine.SGD(momentum=0.9).")
+        return _BY_NAME[optimizer.lower()]()
+    if not (hasattr(optimizer, "update_into") and hasattr(optimizer, "num_buffers")):
+        raise TypeError(f"optimizer must be a name or an object with update_into and num_buffers "
+                        f"(engine.SGD, engine.Adam, engine.AdamW). Received: {optimizer!r}.")
+    return optimizer

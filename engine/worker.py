@@ -1,0 +1,267 @@
+"""What a worker does for each operation, and the loop of a worker process.
+
+Message protocol (one pipe each way per worker, no pickling on the hot path)
+---------------------------------------------------------------------------
+* The owner writes everything an operation needs (learning rate, step, shard bounds, averaging
+  coefficients) into the shared workspace, then sends a one-byte opcode on the worker's command
+  pipe. Only the rare ``ATTACH_DATA`` carries a pickled payload (the new data block's spec).
+* The worker runs the operation and answers with one byte: ``OK``, or ``FAILED`` followed by its
+  traceback text. The pipe's write/read pair orders memory: what a side wrote before sending is
+  visible to the other side after receiving.
+* The owner never sends the next operation until every worker has answered the current one, so
+  phases never overlap: all workers read ``params`` during ``COMPUTE`` before any of them writes it
+  in ``UPDATE``.
+A worker ignores SIGINT (the owner decides how to stop), and exits by itself when the owner dies.
+"""
+import os
+import pickle
+import resource
+import select
+import signal
+import time
+import traceback
+
+import numpy as np
+
+from engine import workspace as ws
+from engine.kernels import sum_squares, weighted_mean_into
+from engine.state import NetworkState
+
+(COMPUTE, REDUCE, UPDATE, REDUCE_UPDATE, LOCAL_STEP, AVERAGE, EVALUATE, ATTACH_DATA,
+ STOP) = range(9)
+OK, FAILED = 0, 1
+_HAS_PAYLOAD = 0x80
+_OWNER_CHECK_S = 1.0
+
+
+def _peak_rss_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class _LazyRandom:
+    """A numpy Generator for (seed, worker, step), built only if the model draws from it.
+
+    Philox is counter-based: the stream of a step does not depend on what earlier steps drew, so a
+    step recomputed after a failure sees the same dropout masks.
+    """
+
+    def __init__(self, seed, worker_id, step):
+        self._key, self._step, self._generator = (seed << 20) + worker_id, step, None
+
+    def __getattr__(self, name):
+        if self._generator is None:
+            bits = np.random.Philox(key=self._key, counter=[0, 0, 0, self._step])
+            self._generator = np.random.Generator(bits)
+        return getattr(self._generator, name)
+
+
+class WorkerCore:
+    """The maths of one worker on shared (or, in-process, private) arrays."""
+
+    def __init__(self, worker_id, model, layout, optimizer, work, data=None):
+        self.worker_id, self.model, self.layout, self.optimizer = worker_id, model, layout, optimizer
+        self.work, self.data = work, data
+        self.num_weights = layout.num_weights
+        self.params_state = NetworkState.from_buffer(layout, work.params)
+        self.local_state = NetworkState.from_buffer(layout, work.slots[worker_id])
+        self.slot_weights, self.slot_theta = layout.views(work.slots[worker_id])
+        start, stop = work.state_bounds[worker_id], work.state_bounds[worker_id + 1]
+        self.state_slice = (int(start), int(stop))
+        self.weight_slice = (int(start), int(min(stop, self.num_weights)))
+        self.theta_slice = (int(max(start, self.num_weights)), int(stop))
+        # sync="states" flattens gradients here before its local update (the slot holds the state).
+        self._local_flat = np.empty(layout.size, np.float32)
+        self._local_grads, _ = layout.views(self._local_flat)
+
+    def run(self, op):
+        handler = {COMPUTE: self.compute, REDUCE: self.reduce, UPDATE: self.update,
+                   REDUCE_UPDATE: self.reduce_update, LOCAL_STEP: self.local_step,
+                   AVERAGE: self.average, EVALUATE: self.evaluate}[op]
+        handler()
+        self.work.results[self.worker_id, ws.PEAK_RSS] = _peak_rss_bytes()
+
+    # -- sync="gradients" ------------------------------------------------------------------------
+    def compute(self):
+        """Loss and gradients of this worker's shard at ``params``, written into its slot."""
+        self._loss_and_grads_into_slot(self.params_state)
+
+    def reduce(self):
+        """Weighted mean of every slot over this worker's slice into ``reduced``."""
+        work = self.work
+        start, stop = self.weight_slice
+        sum_squares = weighted_mean_into(work.reduced, work.slots, work.coefficients, start, stop, True)
+        start, stop = self.theta_slice
+        weighted_mean_into(work.reduced, work.slots, work.coefficients, start, stop, False)
+        work.results[self.worker_id, ws.SUM_SQUARES] = sum_squares
+
+    def update(self):
+        """Optimizer step on this worker's slice of the weights; averaged theta copied in."""
+        work, control = self.work, self.work.control
+        start, stop = self.weight_slice
+        if stop > start:
+            self.optimizer.update_into(work.params, work.optimizer[0], work.reduced, start, stop,
+                                       control[ws.LEARNING_RATE], control[ws.STEP] + 1,
+                                       control[ws.SCALE])
+        start, stop = self.theta_slice
+        work.params[start:stop] = work.reduced[start:stop]
+
+    def reduce_update(self):
+        self.reduce()
+        self.update()
+
+    # -- sync="states" ---------------------------------------------------------------------------
+    def local_step(self):
+        """One optimizer step of this worker's local state on its shard (local SGD)."""
+        work, control = self.work, self.work.control
+        if control[ws.REFRESH]:
+            self.local_state.buffer[:] = work.params
+        count = self._loss_and_grads_into_slot(self.local_state, into_slot=False)
+        work.results[self.worker_id, ws.SINCE_SYNC] += count
+
+    def average(self):
+        """Weighted mean of every worker's local state over this worker's slice into ``params``."""
+        start, stop = self.state_slice
+        weighted_mean_into(self.work.params, self.work.slots, self.work.coefficients, start, stop,
+                           False)
+        self.work.results[self.worker_id, ws.SINCE_SYNC] = 0.0
+
+    # -- shared by both modes --------------------------------------------------------------------
+    def evaluate(self):
+        """Predictions and inference-mode loss of this worker's shard at ``params``."""
+        start, stop = self._shard()
+        results = self.work.results[self.worker_id]
+        started = time.perf_counter()
+        results[ws.COUNT] = stop - start
+        results[ws.LOSS] = 0.0
+        if stop > start:
+            x, y = self.data.examples[start:stop], self.data.labels[start:stop]
+            self.data.predictions[start:stop] = self.model.predict(self.params_state, x)
+            results[ws.LOSS] = float(self.model.loss(self.params_state, x, y))
+        results[ws.COMPUTE_S] = time.perf_counter() - started
+
+    def _shard(self):
+        bounds = self.work.shard_bounds
+        return int(bounds[self.worker_id]), int(bounds[self.worker_id + 1])
+
+    def _loss_and_grads_into_slot(self, state, into_slot=True):
+        """Run the model on this worker's shard; gradients go to the slot or into a local update."""
+        work, control, results = self.work, self.work.control, self.work.results[self.worker_id]
+        start, stop = self._shard()
+        started = time.perf_counter()
+        results[ws.COUNT] = stop - start
+        results[ws.LOSS] = 0.0
+        if stop == start:
+            results[ws.SUM_SQUARES] = 0.0
+            if into_slot:  # contributes with coefficient 0; zeros keep NaN from old data out
+                work.slots[self.worker_id].fill(0.0)
+            results[ws.COMPUTE_S] = time.perf_counter() - started
+            return 0
+        rng = _LazyRandom(int(control[ws.SEED]), self.worker_id, int(control[ws.STEP]))
+        x, y = self.data.examples[start:stop], self.data.labels[start:stop]
+        loss, grads, *new_theta = self.model.loss_and_grads(state, x, y, rng=rng)
+        results[ws.LOSS] = loss
+        if into_slot:
+            for name, target in self.slot_weights.items():
+                target[...] = grads[name]
+            # float64 sum of squares is finite iff every gradient is: the owner checks it before
+            # any worker updates the shared state.
+            results[ws.SUM_SQUARES] = sum_squares(work.slots[self.worker_id], 0, self.num_weights)
+            theta_target = self.slot_theta
+        else:
+            for name, target in self._local_grads.items():
+                target[...] = grads[name]
+            self.optimizer.update_into(state.buffer, work.optimizer[self.worker_id], self._local_flat,
+                                       0, self.num_weights, control[ws.LEARNING_RATE],
+                                       control[ws.STEP] + 1, 1.0)
+            theta_target = state.theta
+        if new_theta:
+            for name, target in theta_target.items():
+                target[...] = new_theta[0][name]
+        elif into_slot:
+            for name, target in theta_target.items():
+                target[...] = self.params_state.theta[name]
+        results[ws.COMPUTE_S] = time.perf_counter() - started
+        return stop - start
+
+
+def send_message(fd, status_or_op, payload=b""):
+    """Write one message: a byte, then (only if there is a payload) its length and the payload."""
+    if payload:
+        message = bytes([status_or_op | _HAS_PAYLOAD]) + len(payload).to_bytes(4, "little") + payload
+    else:
+        message = bytes([status_or_op])
+    view = memoryview(message)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def receive_message(fd):
+    """Read one message written by :func:`send_message`; returns (byte, payload)."""
+    head = _read_exact(fd, 1)[0]
+    if not head & _HAS_PAYLOAD:
+        return head, b""
+    length = int.from_bytes(_read_exact(fd, 4), "little")
+    return head & ~_HAS_PAYLOAD, _read_exact(fd, length)
+
+
+def _read_exact(fd, count):
+    chunks = []
+    while count:
+        chunk = os.read(fd, count)
+        if not chunk:
+            raise EOFError("the other end of the pipe closed")
+        chunks.append(chunk)
+        count -= len(chunk)
+    return b"".join(chunks)
+
+
+def worker_main(worker_id, spec, command_pipe, answer_pipe):
+    """Entry point of a worker process: attach, then serve operations until STOP or owner death."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from engine.system import limit_threads
+    thread_limit = limit_threads(spec["threads"])  # noqa: F841 - the limit lasts while it lives
+    command_fd, answer_fd = command_pipe.fileno(), answer_pipe.fileno()
+    work = ws.Workspace(spec["workspace"], shared=True, create=False)
+    data = None
+    core = WorkerCore(worker_id, spec["model"], spec["layout"], spec["optimizer"], work)
+    send_message(answer_fd, OK)
+    try:
+        while True:
+            # Sleep in select (no spinning); wake once a second to notice an owner that died.
+            if not select.select([command_fd], [], [], _OWNER_CHECK_S)[0]:
+                if not _owner_alive(spec["owner_pid"]):
+                    return
+                continue
+            try:
+                op, payload = receive_message(command_fd)
+            except (EOFError, OSError):
+                return
+            if op == STOP:
+                return
+            try:
+                if op == ATTACH_DATA:
+                    if data is not None:
+                        core.data = None
+                        data.close()
+                    data = ws.DataArrays(pickle.loads(payload), shared=True, create=False)
+                    core.data = data
+                else:
+                    core.run(op)
+                send_message(answer_fd, OK)
+            except Exception:  # any failure goes back to the owner with its traceback
+                send_message(answer_fd, FAILED, traceback.format_exc().encode())
+    finally:
+        core = None
+        if data is not None:
+            data.close()
+        work.close()
+
+
+def _owner_alive(owner_pid):
+    try:
+        os.kill(owner_pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # the PID exists but belongs to someone else: treat as alive
+        return True
+    return True

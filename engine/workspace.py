@@ -1,0 +1,105 @@
+"""The arrays the processor and its workers share, and where each one sits in shared memory.
+
+Two kinds of block, each described by a small picklable ``spec`` dict so that the owner and every
+worker compute the same offsets:
+
+* the **workspace** (one per processor and state layout): the canonical state ``params``, one
+  ``slots[i]`` per worker (gradients and new theta in ``gradients`` mode, the worker's local state
+  in ``states`` mode), the averaged vector ``reduced``, optimizer buffers, and control arrays;
+* the **data** block (re-created only when a larger dataset arrives): examples, labels and
+  predictions, so that a worker's shard is a zero-copy slice.
+
+With ``shared=False`` the same arrays are ordinary numpy memory (the in-process mode).
+"""
+import numpy as np
+
+from engine.shm import SharedBlock
+
+# Global control fields (float64 array ``control``), written by the owner before it signals an op.
+LEARNING_RATE, STEP, SCALE, SEED, REFRESH = range(5)
+NUM_CONTROL = 8
+# Per-worker result fields (float64 array ``results[i]``), written by worker i.
+LOSS, COUNT, COMPUTE_S, SUM_SQUARES, PEAK_RSS, SINCE_SYNC = range(6)
+NUM_RESULTS = 8
+
+
+def _plan(fields):
+    """Byte offsets for ``[(name, shape, dtype)]``, each aligned to 64 bytes; returns (offsets, size)."""
+    offsets, cursor = {}, 0
+    for name, shape, dtype in fields:
+        cursor = -(-cursor // 64) * 64
+        offsets[name] = (cursor, shape, dtype)
+        cursor += int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return offsets, cursor
+
+
+class _Arrays:
+    """Arrays laid out by a spec in one block (shared) or in private memory."""
+
+    def __init__(self, spec, purpose, shared, create):
+        self.spec = dict(spec)
+        offsets, size = _plan(self._fields(spec))
+        self.block = None
+        if shared:
+            if create:
+                self.block = SharedBlock.create(purpose, size)
+                self.spec["block_name"] = self.block.name
+            else:
+                self.block = SharedBlock.attach(spec["block_name"], size)
+        for name, (offset, shape, dtype) in offsets.items():
+            if self.block is not None:
+                array = self.block.array(shape, dtype, offset)
+            else:
+                array = np.zeros(shape, dtype)
+            setattr(self, name, array)
+        self._names = list(offsets)
+
+    def close(self):
+        for name in self._names:
+            setattr(self, name, None)
+        if self.block is not None:
+            self.block.close()
+
+
+class Workspace(_Arrays):
+    """State, per-worker slots, reduction target, optimizer buffers and control data."""
+
+    def __init__(self, spec, shared=True, create=True):
+        super().__init__(spec, "workspace", shared, create)
+
+    @staticmethod
+    def make_spec(num_values, num_weights, num_workers, optimizer_copies, optimizer_buffers):
+        return dict(num_values=num_values, num_weights=num_weights, num_workers=num_workers,
+                    optimizer_copies=optimizer_copies, optimizer_buffers=optimizer_buffers)
+
+    @staticmethod
+    def _fields(spec):
+        p, w, n = spec["num_values"], spec["num_weights"], spec["num_workers"]
+        return [("params", (p,), np.float32),
+                ("slots", (n, p), np.float32),
+                ("reduced", (p,), np.float32),
+                ("optimizer", (spec["optimizer_copies"], spec["optimizer_buffers"], w), np.float32),
+                ("control", (NUM_CONTROL,), np.float64),
+                ("results", (n, NUM_RESULTS), np.float64),
+                ("coefficients", (n,), np.float64),
+                ("shard_bounds", (n + 1,), np.int64),
+                ("state_bounds", (n + 1,), np.int64)]
+
+
+class DataArrays(_Arrays):
+    """Examples, labels and predictions for up to ``capacity`` rows."""
+
+    def __init__(self, spec, shared=True, create=True):
+        super().__init__(spec, "data", shared, create)
+
+    @staticmethod
+    def make_spec(capacity, feature_shape, num_outputs):
+        return dict(capacity=int(capacity), feature_shape=tuple(feature_shape),
+                    num_outputs=int(num_outputs))
+
+    @staticmethod
+    def _fields(spec):
+        rows = spec["capacity"]
+        return [("examples", (rows, *spec["feature_shape"]), np.float32),
+                ("labels", (rows,), np.int64),
+                ("predictions", (rows, spec["num_outputs"]), np.float32)]

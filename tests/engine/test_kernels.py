@@ -1,0 +1,75 @@
+"""Each numba kernel against its NumPy twin, on whole buffers and on the slices workers own."""
+import numpy as np
+import pytest
+
+from engine import kernels
+from engine.sync import partition
+
+RTOL = 1e-6  # float32 kernels against float64-accumulating twins
+
+
+def _random(shape, seed):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("num_slots,length", [(1, 10), (2, 4097), (3, 10_000), (5, 33)])
+def test_weighted_mean_matches_twin_when_workers_cover_their_slices(num_slots, length):
+    slots = _random((num_slots, length), 0)
+    coefficients = np.random.default_rng(1).dirichlet(np.ones(num_slots))
+    out = np.zeros(length, np.float32)
+    total = 0.0
+    bounds = partition(length, 3)
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        total += kernels.weighted_mean_into(out, slots, coefficients, start, stop, True)
+    expected = kernels.weighted_mean_ref(slots, coefficients)
+    np.testing.assert_allclose(out, expected, rtol=RTOL, atol=1e-7)
+    np.testing.assert_allclose(total, np.sum(expected.astype(np.float64) ** 2), rtol=1e-6)
+
+
+def test_weighted_mean_leaves_values_outside_its_slice_untouched():
+    slots = _random((2, 100), 2)
+    out = np.full(100, 7.0, np.float32)
+    kernels.weighted_mean_into(out, slots, np.array([0.5, 0.5]), 20, 40, False)
+    assert np.all(out[:20] == 7.0) and np.all(out[40:] == 7.0)
+    np.testing.assert_allclose(out[20:40], slots[:, 20:40].mean(0), rtol=RTOL)
+
+
+def test_sum_squares_matches_numpy_on_odd_lengths():
+    values = _random(1003, 3)
+    assert kernels.sum_squares(values, 1, 1002) == pytest.approx(
+        np.sum(values[1:1002].astype(np.float64) ** 2), rel=1e-12)
+
+
+@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+def test_sgd_matches_twin(momentum, nesterov):
+    params, velocity, grads = _random(1000, 4), _random(1000, 5), _random(1000, 6)
+    expected_params, expected_velocity = kernels.sgd_ref(params, velocity, grads, 0.1, momentum,
+                                                         nesterov, 0.5)
+    bounds = partition(1000, 2)
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        kernels.sgd_into(params, velocity, grads, start, stop, 0.1, momentum, nesterov, 0.5)
+    np.testing.assert_allclose(params, expected_params, rtol=RTOL, atol=1e-7)
+    np.testing.assert_allclose(velocity, expected_velocity, rtol=RTOL, atol=1e-7)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_adam_matches_textbook_twin_over_several_steps(weight_decay):
+    params, grads = _random(5000, 7), _random(5000, 8)
+    m, v = np.zeros(5000, np.float32), np.zeros(5000, np.float32)
+    ref_params, ref_m, ref_v = params.copy(), m.copy(), v.copy()
+    bounds = partition(5000, 3)
+    for step in range(1, 6):
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            kernels.adam_into(params, m, v, grads, start, stop, 1e-2, 0.9, 0.999, 1e-7, step,
+                              weight_decay, 1.0)
+        ref_params, ref_m, ref_v = kernels.adam_ref(ref_params, ref_m, ref_v, grads, 1e-2, 0.9,
+                                                    0.999, 1e-7, step, weight_decay, 1.0)
+    np.testing.assert_allclose(params, ref_params, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m, ref_m, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(v, ref_v, rtol=1e-5, atol=1e-9)
+
+
+def test_clip_scale_limits_the_global_norm_and_leaves_small_gradients_alone():
+    assert kernels.clip_scale(10.0, 2.0) == pytest.approx(0.2)
+    assert kernels.clip_scale(1.0, 2.0) == 1.0
+    assert kernels.clip_scale(10.0, None) == 1.0
