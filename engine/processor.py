@@ -57,7 +57,7 @@ class ParallelBatchProcessor:
     def __init__(self, model=None, *, num_processes=None, batch_size=50, sync="gradients",
                  update_interval=1, optimizer="adam", seed=0, start_method=None, timeout_s=None):
         check_processor_options(num_processes, batch_size, sync, update_interval, timeout_s,
-                                start_method)
+                                start_method, seed)
         self.model = model
         cores = usable_cores()
         self.num_processes = cores if num_processes is None else int(num_processes)
@@ -137,7 +137,7 @@ class ParallelBatchProcessor:
         if not update_weights:
             results["predictions"] = self._data.predictions[:rows].copy()
         if update_weights and self.sync == "states" and self._steps_since_average:
-            self._executor.run(ops.REDUCE)  # average of the local states into ``reduced``
+            self._run(ops.REDUCE)  # average of the local states into ``reduced``
             self._returned_state = NetworkState.from_buffer(self._layout, self._work.reduced.copy())
             return self._returned_state, results
         return self._current_state(), results
@@ -234,7 +234,11 @@ class ParallelBatchProcessor:
                 data.close()  # workers still map it until they attach the new block; that is fine
             spec = DataArrays.make_spec(rows, feature_shape, self._num_outputs)
             self._data = data = DataArrays(spec, shared=self.num_processes > 1, create=True)
-            self._executor.attach_data(data)
+            try:
+                self._executor.attach_data(data)
+            except BaseException:
+                self.close()
+                raise
         chunk = max(1, (64 << 20) // max(1, examples[:1].nbytes))  # bound the temporary to ~64 MiB
         for start in range(0, rows, chunk):
             stop = min(rows, start + chunk)
@@ -263,21 +267,21 @@ class ParallelBatchProcessor:
         work.control[ws.LEARNING_RATE] = learning_rate
         began = time.perf_counter()
         if self.sync == "gradients":
-            self._executor.run(ops.COMPUTE, step)
+            self._run(ops.COMPUTE, step)
             computed = time.perf_counter()
             loss = self._checked_loss(step, rows, check_gradients=True)
             work.coefficients[:] = shard_coefficients(work.results[:, ws.COUNT])
             if clip_norm is None:
                 work.control[ws.SCALE] = 1.0
-                self._executor.run(ops.REDUCE_UPDATE, step)
+                self._run(ops.REDUCE_UPDATE, step)
                 grad_norm = float(np.sqrt(work.results[:, ws.SUM_SQUARES].sum()))
             else:
-                self._executor.run(ops.REDUCE, step)
+                self._run(ops.REDUCE, step)
                 grad_norm = float(np.sqrt(work.results[:, ws.SUM_SQUARES].sum()))
                 work.control[ws.SCALE] = clip_scale(grad_norm, clip_norm)
-                self._executor.run(ops.UPDATE, step)
+                self._run(ops.UPDATE, step)
         else:
-            self._executor.run(ops.LOCAL_STEP, step)
+            self._run(ops.LOCAL_STEP, step)
             work.control[ws.REFRESH] = 0.0
             computed = time.perf_counter()
             loss = self._checked_loss(step, rows, check_gradients=False)
@@ -289,17 +293,26 @@ class ParallelBatchProcessor:
         return _record(loss, rows, work.results[:, ws.COMPUTE_S].max(), began, computed,
                        time.perf_counter(), grad_norm)
 
+    def _run(self, op, step=None):
+        """Run one operation on every worker; any failure releases the pool and shared memory
+        (the next call starts a fresh pool)."""
+        try:
+            self._executor.run(op, step)
+        except BaseException:
+            self.close()
+            raise
+
     def _average_states(self):
         work = self._work
         work.coefficients[:] = shard_coefficients(work.results[:, ws.SINCE_SYNC])
-        self._executor.run(ops.AVERAGE)
+        self._run(ops.AVERAGE)
         work.control[ws.REFRESH] = 1.0
         self._steps_since_average = 0
 
     def _evaluate_step(self, start, rows):
         self._set_shards(start, rows)
         began = time.perf_counter()
-        self._executor.run(ops.EVALUATE)
+        self._run(ops.EVALUATE)
         ended = time.perf_counter()
         results = self._work.results
         loss = float(np.dot(results[:, ws.COUNT], results[:, ws.LOSS]) / rows)

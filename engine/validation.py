@@ -18,7 +18,9 @@ def _positive_int(name, value, hint):
 
 
 def check_processor_options(num_processes, batch_size, sync, update_interval, timeout_s,
-                            start_method):
+                            start_method, seed):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int. Received: seed={seed!r}.")
     if num_processes is not None:
         _positive_int("num_processes", num_processes,
                       "Use num_processes=None for one process per usable core.")

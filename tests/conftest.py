@@ -47,6 +47,12 @@ def no_leaks():
 
 
 @pytest.fixture
+def live_children():
+    """A function returning this test process's live children (multiprocess helpers excepted)."""
+    return _our_children
+
+
+@pytest.fixture
 def max_processes():
     """The largest process count a test may use without oversubscribing this machine."""
     return max(1, min(3, os.cpu_count() or 1))
