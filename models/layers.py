@@ -1,0 +1,240 @@
+"""Layers with a numpy forward and backward pass, and the softmax cross-entropy loss.
+
+The layer contract (``forward``/``backward``/``updated_theta``) is documented in
+``models.layer_base``; Conv1D lives in ``models.conv`` and is re-exported here.
+"""
+import math
+import numbers
+
+import numpy as np
+
+from models.conv import Conv1D
+from models.layer_base import Layer, check_init, check_positive_int, initial_kernel
+
+__all__ = ["Layer", "Dense", "ReLU", "Dropout", "Reshape", "Flatten", "BatchNorm", "Conv1D",
+           "softmax", "softmax_cross_entropy"]
+
+
+class Dense(Layer):
+    """Fully connected layer ``y = x @ kernel + bias`` on inputs of shape (n, features).
+
+    Args:
+        units: number of outputs.
+        init: "he" (default, before a ReLU) or "glorot".
+    """
+
+    kind = "dense"
+
+    def __init__(self, units, *, init="he"):
+        self.units = check_positive_int(units, "units")
+        self.init = check_init(init)
+
+    def output_shape(self, input_shape):
+        if len(input_shape) != 1:
+            raise ValueError(f"Dense expects inputs of shape (n, features). Received input_shape="
+                             f"{tuple(input_shape)!r} (without the batch axis). Add Flatten() first.")
+        return (self.units,)
+
+    def weight_shapes(self, input_shape):
+        (features,) = input_shape
+        return {"kernel": (features, self.units), "bias": (self.units,)}
+
+    def init_weights(self, input_shape, rng):
+        (features,) = input_shape
+        kernel = initial_kernel((features, self.units), features, self.units, self.init, rng)
+        return {"kernel": kernel, "bias": np.zeros(self.units, dtype=np.float32)}
+
+    def forward(self, x, weights, theta, *, training=False, rng=None):
+        y = x @ weights["kernel"]
+        y += weights["bias"]
+        return y, x
+
+    def backward(self, weights, cache, dy, *, need_input_grad=True):
+        x = cache
+        # x.T and kernel.T are strided views: BLAS reads them transposed, nothing is copied.
+        grads = {"kernel": x.T @ dy, "bias": dy.sum(axis=0)}
+        return (dy @ weights["kernel"].T if need_input_grad else None), grads
+
+
+class ReLU(Layer):
+    """Element-wise ``max(x, 0)``."""
+
+    kind = "relu"
+
+    def forward(self, x, weights, theta, *, training=False, rng=None):
+        y = np.maximum(x, 0)
+        return y, y
+
+    def backward(self, weights, cache, dy, *, need_input_grad=True):
+        return (dy * (cache > 0) if need_input_grad else None), {}
+
+
+class Dropout(Layer):
+    """Inverted dropout: in training, zero each value with probability ``rate`` and scale the rest.
+
+    Scaling by 1/(1 - rate) in training keeps the expected activation, so inference is the identity.
+    """
+
+    kind = "dropout"
+    uses_rng = True
+
+    def __init__(self, rate):
+        if not isinstance(rate, numbers.Real) or isinstance(rate, bool) or not 0.0 <= rate < 1.0:
+            raise ValueError(f"rate must be a float in [0, 1). Received: rate={rate!r}.")
+        self.rate = float(rate)
+
+    def forward(self, x, weights, theta, *, training=False, rng=None):
+        if not training or self.rate == 0.0:
+            return x, None
+        if rng is None:
+            rng = np.random.default_rng()
+        keep = rng.random(x.shape, dtype=x.dtype) >= self.rate
+        mask = keep * x.dtype.type(1.0 / (1.0 - self.rate))  # scaled mask, in x's dtype
+        return x * mask, mask
+
+    def backward(self, weights, cache, dy, *, need_input_grad=True):
+        if not need_input_grad:
+            return None, {}
+        return (dy if cache is None else dy * cache), {}
+
+
+class Reshape(Layer):
+    """Reshape each example to ``target_shape`` (e.g. (40,) -> (40, 1) for a 1-channel Conv1D)."""
+
+    kind = "reshape"
+
+    def __init__(self, target_shape):
+        self.target_shape = tuple(int(d) for d in target_shape)
+
+    def output_shape(self, input_shape):
+        if math.prod(input_shape) != math.prod(self.target_shape):
+            raise ValueError(f"cannot reshape examples of shape {tuple(input_shape)} to "
+                             f"{self.target_shape}: the sizes differ.")
+        return self.target_shape
+
+    def forward(self, x, weights, theta, *, training=False, rng=None):
+        return x.reshape((x.shape[0],) + self.target_shape), x.shape
+
+    def backward(self, weights, cache, dy, *, need_input_grad=True):
+        return (dy.reshape(cache) if need_input_grad else None), {}
+
+
+class Flatten(Reshape):
+    """Flatten each example to one axis: (n, length, channels) -> (n, length * channels)."""
+
+    kind = "flatten"
+
+    def __init__(self):  # no target shape: it follows from the input shape
+        pass
+
+    def output_shape(self, input_shape):
+        return (math.prod(input_shape),)
+
+    def forward(self, x, weights, theta, *, training=False, rng=None):
+        return x.reshape(x.shape[0], -1), x.shape
+
+
+class BatchNorm(Layer):
+    """Batch normalization over the last (feature or channel) axis.
+
+    Training normalizes with the batch mean and (biased) variance and moves the running statistics
+    towards them: ``running = momentum * running + (1 - momentum) * batch`` (the Keras convention).
+    Inference uses the running statistics. ``gamma``/``beta`` are weights; ``running_mean`` and
+    ``running_var`` are theta.
+    """
+
+    kind = "batchnorm"
+
+    def __init__(self, *, momentum=0.9, epsilon=1e-5):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1). Received: momentum={momentum!r}.")
+        if not epsilon > 0.0:
+            raise ValueError(f"epsilon must be positive. Received: epsilon={epsilon!r}.")
+        self.momentum, self.epsilon = float(momentum), float(epsilon)
+
+    def weight_shapes(self, input_shape):
+        return {"gamma": (input_shape[-1],), "beta": (input_shape[-1],)}
+
+    def theta_shapes(self, input_shape):
+        return {"running_mean": (input_shape[-1],), "running_var": (input_shape[-1],)}
+
+    def init_weights(self, input_shape, rng):
+        return {"gamma": np.ones(input_shape[-1], np.float32),
+                "beta": np.zeros(input_shape[-1], np.float32)}
+
+    def init_theta(self, input_shape):
+        return {"running_mean": np.zeros(input_shape[-1], np.float32),
+                "running_var": np.ones(input_shape[-1], np.float32)}
+
+    def forward(self, x, weights, theta, *, training=False, rng=None):
+        gamma, beta = weights["gamma"], weights["beta"]
+        if not training:
+            # Fold the running statistics into one scale and shift per channel.
+            inv_std = 1.0 / np.sqrt(theta["running_var"] + self.epsilon)
+            scale = gamma * inv_std
+            shift = beta - theta["running_mean"] * scale
+            return x * scale + shift, {"x": x, "mean": theta["running_mean"], "inv_std": inv_std}
+        axes = tuple(range(x.ndim - 1))
+        mean = x.mean(axis=axes)
+        centered = x - mean
+        var = np.mean(centered * centered, axis=axes)
+        inv_std = 1.0 / np.sqrt(var + self.epsilon)
+        x_hat = centered * inv_std
+        return x_hat * gamma + beta, {"x_hat": x_hat, "inv_std": inv_std, "mean": mean, "var": var}
+
+    def backward(self, weights, cache, dy, *, need_input_grad=True):
+        training = "x_hat" in cache
+        x_hat = cache["x_hat"] if training else (cache["x"] - cache["mean"]) * cache["inv_std"]
+        axes = tuple(range(dy.ndim - 1))
+        grads = {"gamma": np.sum(dy * x_hat, axis=axes), "beta": dy.sum(axis=axes)}
+        if not need_input_grad:
+            return None, grads
+        scale = weights["gamma"] * cache["inv_std"]
+        if not training:  # the running statistics are constants: an affine map per channel
+            return dy * scale, grads
+        # The batch mean and variance depend on x too, which gives
+        # dx = gamma / std * (dy - mean(dy) - x_hat * mean(dy * x_hat)).
+        count = dy.size // dy.shape[-1]
+        dx = dy - grads["beta"] * (1.0 / count) - x_hat * (grads["gamma"] * (1.0 / count))
+        dx *= scale
+        return dx, grads
+
+    def updated_theta(self, theta, cache):
+        m = self.momentum
+        return {"running_mean": m * theta["running_mean"] + (1.0 - m) * cache["mean"],
+                "running_var": m * theta["running_var"] + (1.0 - m) * cache["var"]}
+
+
+def softmax(logits):
+    """Row-wise softmax, stable for large logits (the row maximum is subtracted first)."""
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    exp /= exp.sum(axis=1, keepdims=True)
+    return exp
+
+
+def softmax_cross_entropy(logits, labels):
+    """Mean softmax cross-entropy of integer labels and its gradient with respect to the logits.
+
+    Args:
+        logits: (n, num_classes) array.
+        labels: (n,) integer class indices in [0, num_classes).
+
+    Returns:
+        ``(loss, dlogits)``: the mean loss as a Python float and an array shaped like ``logits``.
+    """
+    n, num_classes = logits.shape
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must be class indices in [0, {num_classes}). Received labels in "
+                         f"[{labels.min()}, {labels.max()}].")
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    total = exp.sum(axis=1)
+    rows = np.arange(n)
+    # log softmax(z)[y] = z[y] - log(sum(exp(z))), with z shifted so exp cannot overflow.
+    loss = float(np.mean(np.log(total) - shifted[rows, labels]))
+    dlogits = exp
+    dlogits /= total[:, None]
+    dlogits[rows, labels] -= 1.0
+    dlogits *= 1.0 / n
+    return loss, dlogits
+

@@ -1,0 +1,171 @@
+"""Sequential: a stack of layers that implements the model protocol (see ``models/__init__.py``)."""
+import math
+
+import numpy as np
+
+from engine.state import NetworkState
+from models.layer_base import Layer, is_positive_int
+from models.layers import softmax, softmax_cross_entropy
+
+# predict() and loss() run this many examples at a time, so evaluating a whole data set does not
+# hold every hidden activation at once. Inference has no batch statistics, so chunking is exact.
+_EVAL_CHUNK = 8192
+
+
+class Sequential:
+    """A stack of layers ending in logits, trained with mean softmax cross-entropy.
+
+    Parameters are named ``"{kind}_{index}/{local name}"`` with the layer's position in ``layers``:
+    ``"dense_0/kernel"``, ``"batchnorm_1/gamma"``; theta likewise (``"batchnorm_1/running_mean"``).
+
+    Args:
+        layers: list of ``Layer`` instances; the last one must output (n, num_outputs) logits.
+        input_shape: shape of one example, without the batch axis.
+
+    Raises:
+        ValueError: if a layer does not fit the shape its predecessor produces.
+    """
+
+    def __init__(self, layers, input_shape):
+        layers = list(layers)
+        if not layers or not all(isinstance(layer, Layer) for layer in layers):
+            raise ValueError(f"layers must be a non-empty list of models.layers.Layer instances. "
+                             f"Received: layers={layers!r}.")
+        if isinstance(input_shape, (int, np.integer)):
+            input_shape = (input_shape,)
+        input_shape = tuple(input_shape)
+        if not input_shape or not all(is_positive_int(d) for d in input_shape):
+            raise ValueError(f"input_shape must be a tuple of positive ints (one example, no batch "
+                             f"axis). Received: input_shape={input_shape!r}.")
+        self.layers = layers
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.weight_shapes, self.theta_shapes = {}, {}
+        # Per layer: (input shape, [(local name, full name)] of weights, same of theta).
+        self._plan = []
+        shape = self.input_shape
+        for index, layer in enumerate(layers):
+            prefix = f"{layer.kind}_{index}"
+            try:
+                output_shape = layer.output_shape(shape)
+            except ValueError as error:
+                raise ValueError(f"layer {index} ({layer!r}): {error}") from None
+            names = []
+            for table, shapes in ((self.weight_shapes, layer.weight_shapes(shape)),
+                                  (self.theta_shapes, layer.theta_shapes(shape))):
+                names.append([(local, f"{prefix}/{local}") for local in shapes])
+                table.update({f"{prefix}/{local}": tuple(s) for local, s in shapes.items()})
+            self._plan.append((shape, names[0], names[1]))
+            shape = output_shape
+        if len(shape) != 1:
+            raise ValueError(f"the last layer must output (n, num_outputs) logits. Received output "
+                             f"shape {shape} per example. End with Flatten() and Dense(num_classes).")
+        self.num_outputs = shape[0]
+        # Layers before the first one with weights need no input gradient: backward stops there.
+        self._first_trainable = next((i for i, (_, w, _) in enumerate(self._plan) if w), len(layers))
+        self._uses_rng = any(layer.uses_rng for layer in layers)
+
+    @property
+    def num_weights(self):
+        """Number of trainable values."""
+        return sum(math.prod(shape) for shape in self.weight_shapes.values())
+
+    def init_state(self, seed):
+        """A new ``NetworkState``; the same ``seed`` always gives the same float32 values."""
+        rng = np.random.default_rng(seed)
+        weights, theta = {}, {}
+        for layer, (shape, weight_names, theta_names) in zip(self.layers, self._plan):
+            initial = layer.init_weights(shape, rng)
+            weights.update({full: initial[local] for local, full in weight_names})
+            initial = layer.init_theta(shape)
+            theta.update({full: initial[local] for local, full in theta_names})
+        return NetworkState(weights, theta)
+
+    def loss_and_grads(self, state, x, y, *, rng=None):
+        """Mean cross-entropy and its gradient in training mode; ``state`` is not modified.
+
+        Args:
+            state: a ``NetworkState`` from ``init_state`` (or a copy, average or checkpoint of one).
+            x: float32 examples, shape (n, *input_shape). y: integer labels, shape (n,).
+            rng: ``np.random.Generator`` for dropout masks; a fresh ``default_rng()`` if None.
+
+        Returns:
+            ``(loss, grads)``, or ``(loss, grads, theta)`` if the model has theta: the running
+            statistics after this step. ``grads`` has the keys and shapes of ``state.weights``.
+        """
+        x, y = self._check_batch(x, y)
+        loss, grads, theta = self.forward_backward(state.weights, state.theta, x, y, rng=rng)
+        return (loss, grads, theta) if self.theta_shapes else (loss, grads)
+
+    def predict(self, state, x):
+        """Class probabilities, shape (n, num_outputs), float32, in inference mode."""
+        x = self._check_examples(x)
+        chunks = [softmax(self.logits(state.weights, state.theta, x[i:i + _EVAL_CHUNK]))
+                  for i in range(0, len(x), _EVAL_CHUNK)]
+        if len(chunks) == 1:
+            return chunks[0]
+        return np.concatenate(chunks) if chunks else np.empty((0, self.num_outputs), np.float32)
+
+    def loss(self, state, x, y):
+        """Mean cross-entropy in inference mode (no dropout, BatchNorm running statistics)."""
+        x, y = self._check_batch(x, y)
+        total = 0.0
+        for i in range(0, len(x), _EVAL_CHUNK):
+            logits = self.logits(state.weights, state.theta, x[i:i + _EVAL_CHUNK])
+            total += softmax_cross_entropy(logits, y[i:i + _EVAL_CHUNK])[0] * len(logits)
+        return total / len(x)
+
+    def logits(self, weights, theta, x, *, training=False, rng=None):
+        """The last layer's output for ``x``, from plain dicts of arrays, in ``x``'s dtype."""
+        return self._forward(weights, theta, x, training=training, rng=rng)[0]
+
+    def forward_backward(self, weights, theta, x, y, *, rng=None):
+        """The dtype-generic core of ``loss_and_grads`` on plain dicts of arrays, unchecked.
+
+        Returns ``(loss, grads, new_theta)``; runs in float64 when given float64 arrays.
+        """
+        if rng is None and self._uses_rng:
+            rng = np.random.default_rng()
+        logits, caches = self._forward(weights, theta, x, training=True, rng=rng)
+        loss, gradient = softmax_cross_entropy(logits, y)
+        grads, new_theta = {}, {}
+        for index in reversed(range(self._first_trainable, len(self.layers))):
+            layer, (_, weight_names, theta_names) = self.layers[index], self._plan[index]
+            gradient, layer_grads = layer.backward(
+                {local: weights[full] for local, full in weight_names}, caches[index], gradient,
+                need_input_grad=index > self._first_trainable)
+            grads.update({full: layer_grads[local] for local, full in weight_names})
+        for index, (_, _, theta_names) in enumerate(self._plan):
+            if theta_names:
+                updated = self.layers[index].updated_theta(
+                    {local: theta[full] for local, full in theta_names}, caches[index])
+                new_theta.update({full: updated[local] for local, full in theta_names})
+        return loss, {name: grads[name] for name in self.weight_shapes}, new_theta
+
+    def _forward(self, weights, theta, x, *, training, rng):
+        caches = []
+        for layer, (_, weight_names, theta_names) in zip(self.layers, self._plan):
+            x, cache = layer.forward(x, {local: weights[full] for local, full in weight_names},
+                                     {local: theta[full] for local, full in theta_names},
+                                     training=training, rng=rng)
+            caches.append(cache)
+        return x, caches
+
+    def _check_examples(self, x):
+        x = np.asarray(x, dtype=np.float32)  # no copy when x is already float32
+        if x.shape[1:] != self.input_shape:
+            raise ValueError(f"x must have shape (n, {', '.join(map(str, self.input_shape))}) for "
+                             f"this model. Received: x.shape={x.shape}.")
+        return x
+
+    def _check_batch(self, x, y):
+        x, y = self._check_examples(x), np.asarray(y)
+        if y.dtype.kind not in "iu" or y.shape != (len(x),):
+            raise ValueError(f"y must be integer class labels of shape ({len(x)},), one per example. "
+                             f"Received: y.shape={y.shape}, y.dtype={y.dtype}. Convert one-hot labels "
+                             "with y.argmax(axis=1) and float labels with y.astype(np.int64).")
+        if len(x) == 0:
+            raise ValueError("a loss needs at least one example. Received x with 0 rows.")
+        return x, y
+
+    def __repr__(self):
+        return f"Sequential({self.layers!r}, input_shape={self.input_shape!r})"
