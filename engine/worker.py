@@ -218,8 +218,9 @@ def _read_exact(fd, count):
 def worker_main(worker_id, spec, command_pipe, answer_pipe):
     """Entry point of a worker process: attach, then serve operations until STOP or owner death."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from engine.system import limit_threads
+    from engine.system import keep_freed_memory, limit_threads
     thread_limit = limit_threads(spec["threads"])  # noqa: F841 - the limit lasts while it lives
+    keep_freed_memory()
     command_fd, answer_fd = command_pipe.fileno(), answer_pipe.fileno()
     work = ws.Workspace(spec["workspace"], shared=True, create=False)
     data = None

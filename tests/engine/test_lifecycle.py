@@ -1,0 +1,112 @@
+"""Process lifecycle: thread limits in workers, Ctrl-C and exit clean up everything."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from engine import ParallelBatchProcessor
+from engine.shm import blocks_of
+from models import MLP
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class _ChecksItsThreadLimit(MLP):
+    """Raises inside the worker unless every BLAS/OpenMP pool there has ``expected`` threads."""
+
+    def __init__(self, sizes, expected):
+        super().__init__(sizes)
+        self.expected = expected
+
+    def loss_and_grads(self, state, x, y, *, rng=None):
+        from threadpoolctl import threadpool_info
+        counts = [pool["num_threads"] for pool in threadpool_info()]
+        if any(count != self.expected for count in counts):
+            raise AssertionError(f"thread pools {counts}, expected {self.expected} each")
+        return super().loss_and_grads(state, x, y, rng=rng)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_workers_limit_blas_threads_to_their_share_of_the_cores(blobs, start_method):
+    from engine import usable_cores
+    processes = min(2, usable_cores())
+    model = _ChecksItsThreadLimit((12, 8, 3), expected=max(1, usable_cores() // processes))
+    with ParallelBatchProcessor(model, num_processes=processes, batch_size=20,
+                                start_method=start_method) as processor:
+        if processes == 1:
+            pytest.skip("one usable core: no worker processes to check")
+        processor.process_batch(blobs[0][:20], blobs[1][:20], model.init_state(0),
+                                {"learning_rate": 0.1})
+
+
+_TRAIN_FOREVER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    import numpy as np
+    from engine import ParallelBatchProcessor
+    from models import MLP
+    x = np.random.default_rng(0).normal(size=(4000, 64)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 10, size=4000)
+    model = MLP(sizes=(64, 256, 10))
+    state = model.init_state(0)
+    with ParallelBatchProcessor(model, num_processes=2, batch_size=64) as processor:
+        print("workers", *processor.worker_pids or [], flush=True)
+        while True:
+            state, _ = processor.run_parallel(x, y, state, {{"learning_rate": 1e-3}})
+            print("workers", *processor.worker_pids, flush=True)
+""")
+
+
+def _start_training_script():
+    script = subprocess.Popen([sys.executable, "-c", _TRAIN_FOREVER.format(root=ROOT)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = script.stdout.readline()
+        pids = [int(p) for p in line.split()[1:]]
+        if len(pids) == 2:
+            return script, pids
+    script.kill()
+    raise AssertionError(f"the script never started its workers: {script.stderr.read()}")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_workers_and_unlinks_shared_memory():
+    script, workers = _start_training_script()
+    assert blocks_of(script.pid)
+    script.send_signal(signal.SIGINT)
+    _, stderr = script.communicate(timeout=30)
+    assert "KeyboardInterrupt" in stderr
+    assert blocks_of(script.pid) == []
+    assert not [pid for pid in workers if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.slow
+def test_workers_exit_by_themselves_when_the_owner_is_killed():
+    script, workers = _start_training_script()
+    script.kill()
+    script.wait()
+    gone, alive = psutil.wait_procs([psutil.Process(pid) for pid in workers if
+                                     psutil.pid_exists(pid)], timeout=10)
+    assert not alive
+    from engine.shm import sweep_orphaned_blocks
+    sweep_orphaned_blocks()  # what the next engine start does
+    assert blocks_of(script.pid) == []
+
+
+def test_workers_keep_their_state_between_calls_without_restarting(blobs):
+    model = MLP(sizes=(12, 8, 3))
+    with ParallelBatchProcessor(model, num_processes=2, batch_size=50) as processor:
+        state = model.init_state(0)
+        state, _ = processor.run_parallel(*blobs, state, {"learning_rate": 0.01})
+        pids = processor.worker_pids
+        state, _ = processor.run_parallel(*blobs, state, {"learning_rate": 0.01})
+        assert processor.worker_pids == pids
+    assert np.all(np.isfinite(state.buffer))
