@@ -137,7 +137,9 @@ class ParallelBatchProcessor:
         if not update_weights:
             results["predictions"] = self._data.predictions[:rows].copy()
         if update_weights and self.sync == "states" and self._steps_since_average:
-            self._run(ops.REDUCE)  # average of the local states into ``reduced``
+            # Average of the local states into ``reduced``, leaving the local states as they are.
+            self._work.coefficients[:] = shard_coefficients(self._work.results[:, ws.SINCE_SYNC])
+            self._run(ops.REDUCE)
             self._returned_state = NetworkState.from_buffer(self._layout, self._work.reduced.copy())
             return self._returned_state, results
         return self._current_state(), results

@@ -98,13 +98,15 @@ def test_states_mode_with_interval_one_and_plain_sgd_equals_gradient_mode(blobs)
 
 
 def test_states_mode_averages_local_sgd_states_every_interval(blobs):
-    """Oracle: local SGD simulated by hand, one state per worker, averaged every 2 steps."""
+    """Oracle: local SGD simulated by hand, one state per worker, averaged every 2 steps. Between
+    averages, process_batch returns the example-weighted mean of the local states."""
     x, y = blobs[0][:200], blobs[1][:200]
     model = MLP(sizes=(12, 16, 3))
     start = model.init_state(4)
     batches = [(x[i:i + 41], y[i:i + 41]) for i in range(0, 164, 41)]  # 4 steps of 41 examples
     locals_ = [start.copy(), start.copy()]
     counts = np.zeros(2)
+    expected = []
     for step, (bx, by) in enumerate(batches):
         bounds = split_batch(len(bx), 2)
         for w in range(2):
@@ -113,15 +115,15 @@ def test_states_mode_averages_local_sgd_states_every_interval(blobs):
             for name, grad in grads.items():
                 locals_[w].weights[name] -= np.float32(0.1) * grad
             counts[w] += b - a
+        expected.append(NetworkState.average(locals_, weights=counts))
         if step % 2 == 1:
-            averaged = NetworkState.average(locals_, weights=counts)
-            locals_, counts = [averaged.copy(), averaged.copy()], np.zeros(2)
+            locals_, counts = [expected[-1].copy(), expected[-1].copy()], np.zeros(2)
     with ParallelBatchProcessor(model, num_processes=2, batch_size=41, sync="states",
                                 update_interval=2, optimizer="sgd") as processor:
         state = start
-        for bx, by in batches:
+        for (bx, by), want in zip(batches, expected):
             state, _ = processor.process_batch(bx, by, state, {"learning_rate": 0.1})
-    np.testing.assert_allclose(state.buffer, locals_[0].buffer, rtol=RTOL, atol=ATOL)
+            np.testing.assert_allclose(state.buffer, want.buffer, rtol=RTOL, atol=ATOL)
 
 
 def test_theta_is_averaged_weighted_by_shard_size_in_gradient_mode(blobs):
