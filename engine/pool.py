@@ -33,8 +33,13 @@ def default_start_method():
 
 
 @contextmanager
-def _thread_environment(num_threads):
-    """Children started by ``spawn`` read thread limits from the environment at import time."""
+def _thread_environment(num_threads, start_method):
+    """Children started by ``spawn``/``forkserver`` read thread limits from the environment when
+    they import numpy and numba. Forked children inherit those modules already imported (and numba
+    refuses a NUMBA_NUM_THREADS that changes under it), so they limit threads at run time only."""
+    if start_method == "fork":
+        yield
+        return
     names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
     saved = {name: os.environ.get(name) for name in names}
     os.environ.update({name: str(num_threads) for name in names})
@@ -57,7 +62,7 @@ class WorkerPool:
         self._poller, self._owners = None, {}
         context = multiprocess.get_context(start_method)
         try:
-            with _thread_environment(spec["threads"]):
+            with _thread_environment(spec["threads"], start_method):
                 for worker_id in range(num_workers):
                     command_read, command_write = context.Pipe(duplex=False)
                     answer_read, answer_write = context.Pipe(duplex=False)

@@ -44,7 +44,9 @@ def limit_threads(num_threads):
 
     Returns the threadpoolctl controller (keep a reference: the limit lasts while it lives).
     """
-    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    # NUMBA_NUM_THREADS is left alone: numba re-reads it at every compile and refuses a value that
+    # differs from the pool it already launched.
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(num_threads)
     try:
         # First: setting numba's count starts its threading layer, which may load an OpenMP runtime
