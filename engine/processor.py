@@ -52,12 +52,15 @@ class ParallelBatchProcessor:
         seed: seeds batch shuffling and each worker's per-step random stream (dropout).
         start_method: "fork", "spawn" or "forkserver"; None picks forkserver on Linux.
         timeout_s: longest a step may take before the pool is torn down with WorkerTimeoutError.
+        micro_batch_size: most examples a worker runs through the model at once; a larger shard
+            is processed in chunks whose gradients are accumulated (same maths, less memory).
     """
 
     def __init__(self, model=None, *, num_processes=None, batch_size=50, sync="gradients",
-                 update_interval=1, optimizer="adam", seed=0, start_method=None, timeout_s=None):
+                 update_interval=1, optimizer="adam", seed=0, start_method=None, timeout_s=None,
+                 micro_batch_size=None):
         check_processor_options(num_processes, batch_size, sync, update_interval, timeout_s,
-                                start_method, seed)
+                                start_method, seed, micro_batch_size)
         self.model = model
         cores = usable_cores()
         self.num_processes = cores if num_processes is None else int(num_processes)
@@ -72,7 +75,9 @@ class ParallelBatchProcessor:
         self.threads_per_process = max(1, cores // self.num_processes)
         if self.num_processes > cores:
             _warn_oversubscription(self.num_processes, cores)
+        self.micro_batch_size = micro_batch_size
         self._layout = self._work = self._data = self._executor = None
+        self._pending_training_state = None
         self._steps_since_average = 0
         self._returned_state = None
         self._rng = np.random.default_rng(self.seed)
@@ -143,6 +148,30 @@ class ParallelBatchProcessor:
             self._returned_state = NetworkState.from_buffer(self._layout, self._work.reduced.copy())
             return self._returned_state, results
         return self._current_state(), results
+
+    def training_state(self):
+        """What resuming needs beyond the NetworkState: optimizer buffers and step count, and the
+        shuffling random stream. A dict of numpy arrays and plain values (see load_training_state)."""
+        if self._work is None:
+            raise RuntimeError("the processor has not run a step yet, so it has no training state.")
+        return {"optimizer": self._work.optimizer.copy(), "step": int(self._work.control[ws.STEP]),
+                "shuffle_rng": self._rng.bit_generator.state}
+
+    def load_training_state(self, training_state):
+        """Restore what :meth:`training_state` returned; applied at the next (or current) start."""
+        self._rng.bit_generator.state = training_state["shuffle_rng"]
+        self._pending_training_state = training_state
+        if self._work is not None:
+            self._apply_training_state()
+
+    def _apply_training_state(self):
+        saved, self._pending_training_state = self._pending_training_state, None
+        if saved["optimizer"].shape != self._work.optimizer.shape:
+            raise ValueError(f"saved optimizer state has shape {saved['optimizer'].shape}, this "
+                             f"processor needs {self._work.optimizer.shape}: the model, optimizer, "
+                             "sync mode or process count differ from the saved run.")
+        self._work.optimizer[...] = saved["optimizer"]
+        self._work.control[ws.STEP] = saved["step"]
 
     def reset_optimizer(self):
         """Forget optimizer state (momentum, Adam moments and step count)."""
@@ -215,6 +244,9 @@ class ParallelBatchProcessor:
         self._work = Workspace(spec, shared=shared, create=True)
         self._work.state_bounds[:] = partition(layout.size, self.num_processes)
         self._work.control[ws.SEED] = self.seed
+        self._work.control[ws.MICRO_BATCH] = self.micro_batch_size or 0
+        if self._pending_training_state is not None:
+            self._apply_training_state()
         self._layout, self._num_outputs = layout, num_outputs
         if shared:
             self._executor = WorkerPool(

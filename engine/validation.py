@@ -18,7 +18,7 @@ def _positive_int(name, value, hint):
 
 
 def check_processor_options(num_processes, batch_size, sync, update_interval, timeout_s,
-                            start_method, seed):
+                            start_method, seed, micro_batch_size=None):
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be a non-negative int. Received: seed={seed!r}.")
     if num_processes is not None:
@@ -37,6 +37,9 @@ def check_processor_options(num_processes, batch_size, sync, update_interval, ti
             timeout_s, numbers.Real) or not timeout_s > 0):
         raise ValueError(f"timeout_s must be a positive number of seconds or None. Received: "
                          f"timeout_s={timeout_s!r}.")
+    if micro_batch_size is not None:
+        _positive_int("micro_batch_size", micro_batch_size,
+                      "Use None to run each worker's whole shard at once.")
     if start_method is not None and start_method not in START_METHODS:
         raise ValueError(f"start_method must be one of {START_METHODS} or None. Received: "
                          f"start_method={start_method!r}.")

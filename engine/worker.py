@@ -45,12 +45,13 @@ class _LazyRandom:
     step recomputed after a failure sees the same dropout masks.
     """
 
-    def __init__(self, seed, worker_id, step):
-        self._key, self._step, self._generator = (seed << 20) + worker_id, step, None
+    def __init__(self, seed, worker_id, step, chunk=0):
+        self._key, self._counter = (seed << 20) + worker_id, [0, 0, chunk, step]
+        self._generator = None
 
     def __getattr__(self, name):
         if self._generator is None:
-            bits = np.random.Philox(key=self._key, counter=[0, 0, 0, self._step])
+            bits = np.random.Philox(key=self._key, counter=self._counter)
             self._generator = np.random.Generator(bits)
         return getattr(self._generator, name)
 
@@ -69,9 +70,9 @@ class WorkerCore:
         self.state_slice = (int(start), int(stop))
         self.weight_slice = (int(start), int(min(stop, self.num_weights)))
         self.theta_slice = (int(max(start, self.num_weights)), int(stop))
-        # sync="states" flattens gradients here before its local update (the slot holds the state).
+        # sync="states" gathers gradients and new theta here (its slot holds its local state).
         self._local_flat = np.empty(layout.size, np.float32)
-        self._local_grads, _ = layout.views(self._local_flat)
+        self._local_grads, self._local_theta = layout.views(self._local_flat)
 
     def run(self, op):
         handler = {COMPUTE: self.compute, REDUCE: self.reduce, UPDATE: self.update,
@@ -83,7 +84,20 @@ class WorkerCore:
     # -- sync="gradients" ------------------------------------------------------------------------
     def compute(self):
         """Loss and gradients of this worker's shard at ``params``, written into its slot."""
-        self._loss_and_grads_into_slot(self.params_state)
+        self._run_timed(self._compute)
+
+    def _compute(self):
+        work, results = self.work, self.work.results[self.worker_id]
+        slot = work.slots[self.worker_id]
+        start, stop = self._shard()
+        if stop == start:  # contributes with coefficient 0; zeros keep NaN of old data out
+            slot.fill(0.0)
+            results[ws.LOSS] = results[ws.COUNT] = results[ws.SUM_SQUARES] = 0.0
+            return
+        self._train_on_shard(self.params_state, self.slot_weights, self.slot_theta)
+        # A float64 sum of squares is finite iff every gradient is: the owner checks it before any
+        # worker updates the shared state.
+        results[ws.SUM_SQUARES] = sum_squares(slot, 0, self.num_weights)
 
     def reduce(self):
         """Weighted mean of every slot over this worker's slice into ``reduced``."""
@@ -112,11 +126,23 @@ class WorkerCore:
     # -- sync="states" ---------------------------------------------------------------------------
     def local_step(self):
         """One optimizer step of this worker's local state on its shard (local SGD)."""
-        work, control = self.work, self.work.control
+        self._run_timed(self._local_step)
+
+    def _local_step(self):
+        work, control, results = self.work, self.work.control, self.work.results[self.worker_id]
+        state = self.local_state
         if control[ws.REFRESH]:
-            self.local_state.buffer[:] = work.params
-        count = self._loss_and_grads_into_slot(self.local_state, into_slot=False)
-        work.results[self.worker_id, ws.SINCE_SYNC] += count
+            state.buffer[:] = work.params
+        start, stop = self._shard()
+        if stop == start:
+            results[ws.LOSS] = results[ws.COUNT] = 0.0
+            return
+        _, count = self._train_on_shard(state, self._local_grads, self._local_theta)
+        self.optimizer.update_into(state.buffer, work.optimizer[self.worker_id], self._local_flat, 0,
+                                   self.num_weights, control[ws.LEARNING_RATE],
+                                   control[ws.STEP] + 1, 1.0)
+        state.buffer[self.num_weights:] = self._local_flat[self.num_weights:]
+        results[ws.SINCE_SYNC] += count
 
     def average(self):
         """Weighted mean of every worker's local state over this worker's slice into ``params``."""
@@ -128,60 +154,64 @@ class WorkerCore:
     # -- shared by both modes --------------------------------------------------------------------
     def evaluate(self):
         """Predictions and inference-mode loss of this worker's shard at ``params``."""
+        self._run_timed(self._evaluate)
+
+    def _evaluate(self):
         start, stop = self._shard()
         results = self.work.results[self.worker_id]
-        started = time.perf_counter()
-        results[ws.COUNT] = stop - start
-        results[ws.LOSS] = 0.0
+        results[ws.COUNT], results[ws.LOSS] = stop - start, 0.0
         if stop > start:
             x, y = self.data.examples[start:stop], self.data.labels[start:stop]
             self.data.predictions[start:stop] = self.model.predict(self.params_state, x)
-            results[ws.LOSS] = float(self.model.loss(self.params_state, x, y))
-        results[ws.COMPUTE_S] = time.perf_counter() - started
+            if hasattr(self.model, "loss"):
+                results[ws.LOSS] = float(self.model.loss(self.params_state, x, y))
+            else:  # the protocol's loss() is optional; the training-mode loss stands in for it
+                results[ws.LOSS] = float(self.model.loss_and_grads(self.params_state, x, y)[0])
 
     def _shard(self):
         bounds = self.work.shard_bounds
         return int(bounds[self.worker_id]), int(bounds[self.worker_id + 1])
 
-    def _loss_and_grads_into_slot(self, state, into_slot=True):
-        """Run the model on this worker's shard; gradients go to the slot or into a local update."""
-        work, control, results = self.work, self.work.control, self.work.results[self.worker_id]
+    def _train_on_shard(self, state, grad_views, theta_views):
+        """Loss of this worker's shard at ``state``; its gradient and new theta go into the views.
+
+        A shard larger than the micro-batch (``control[MICRO_BATCH]``, 0 = whole shard) runs in
+        chunks whose gradients, losses and theta are averaged weighted by chunk size: the same
+        maths as one pass (to float32 rounding), with the memory of one chunk. Returns
+        (mean loss, examples).
+        """
+        control, results = self.work.control, self.work.results[self.worker_id]
         start, stop = self._shard()
+        total = stop - start
+        micro = int(control[ws.MICRO_BATCH]) or max(total, 1)
+        loss, returned_theta = 0.0, False
+        for chunk, chunk_start in enumerate(range(start, stop, micro)):
+            chunk_stop = min(stop, chunk_start + micro)
+            weight = np.float32((chunk_stop - chunk_start) / total)
+            rng = _LazyRandom(int(control[ws.SEED]), self.worker_id, int(control[ws.STEP]), chunk)
+            chunk_loss, grads, *new_theta = self.model.loss_and_grads(
+                state, self.data.examples[chunk_start:chunk_stop],
+                self.data.labels[chunk_start:chunk_stop], rng=rng)
+            loss += float(weight) * chunk_loss
+            returned_theta = bool(new_theta)
+            pairs = [(grad_views, grads)] + ([(theta_views, new_theta[0])] if new_theta else [])
+            for views, values in pairs:
+                for name, target in views.items():
+                    if chunk == 0:
+                        np.multiply(values[name], weight, out=target)
+                    else:
+                        target += weight * values[name]
+        if not returned_theta:
+            for name, target in theta_views.items():
+                target[...] = state.theta[name]
+        results[ws.LOSS], results[ws.COUNT] = loss, total
+        return loss, total
+
+    def _run_timed(self, body):
+        results = self.work.results[self.worker_id]
         started = time.perf_counter()
-        results[ws.COUNT] = stop - start
-        results[ws.LOSS] = 0.0
-        if stop == start:
-            results[ws.SUM_SQUARES] = 0.0
-            if into_slot:  # contributes with coefficient 0; zeros keep NaN from old data out
-                work.slots[self.worker_id].fill(0.0)
-            results[ws.COMPUTE_S] = time.perf_counter() - started
-            return 0
-        rng = _LazyRandom(int(control[ws.SEED]), self.worker_id, int(control[ws.STEP]))
-        x, y = self.data.examples[start:stop], self.data.labels[start:stop]
-        loss, grads, *new_theta = self.model.loss_and_grads(state, x, y, rng=rng)
-        results[ws.LOSS] = loss
-        if into_slot:
-            for name, target in self.slot_weights.items():
-                target[...] = grads[name]
-            # float64 sum of squares is finite iff every gradient is: the owner checks it before
-            # any worker updates the shared state.
-            results[ws.SUM_SQUARES] = sum_squares(work.slots[self.worker_id], 0, self.num_weights)
-            theta_target = self.slot_theta
-        else:
-            for name, target in self._local_grads.items():
-                target[...] = grads[name]
-            self.optimizer.update_into(state.buffer, work.optimizer[self.worker_id], self._local_flat,
-                                       0, self.num_weights, control[ws.LEARNING_RATE],
-                                       control[ws.STEP] + 1, 1.0)
-            theta_target = state.theta
-        if new_theta:
-            for name, target in theta_target.items():
-                target[...] = new_theta[0][name]
-        elif into_slot:
-            for name, target in theta_target.items():
-                target[...] = self.params_state.theta[name]
+        body()
         results[ws.COMPUTE_S] = time.perf_counter() - started
-        return stop - start
 
 
 def send_message(fd, status_or_op, payload=b""):

@@ -16,7 +16,7 @@ import numpy as np
 from engine.shm import SharedBlock
 
 # Global control fields (float64 array ``control``), written by the owner before it signals an op.
-LEARNING_RATE, STEP, SCALE, SEED, REFRESH = range(5)
+LEARNING_RATE, STEP, SCALE, SEED, REFRESH, MICRO_BATCH = range(6)
 NUM_CONTROL = 8
 # Per-worker result fields (float64 array ``results[i]``), written by worker i.
 LOSS, COUNT, COMPUTE_S, SUM_SQUARES, PEAK_RSS, SINCE_SYNC = range(6)

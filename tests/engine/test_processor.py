@@ -182,3 +182,35 @@ def test_default_uses_one_process_per_usable_core():
     processor = ParallelBatchProcessor(MLP(sizes=(4, 2)), batch_size=64)
     assert processor.num_processes == usable_cores() <= (os.cpu_count() or 1)
     assert processor.threads_per_process == max(1, usable_cores() // processor.num_processes)
+
+
+@pytest.mark.parametrize("sync", ["gradients", "states"])
+def test_micro_batches_give_the_same_step_as_whole_shards(blobs, sync):
+    x, y = blobs[0][:90], blobs[1][:90]
+    model = MLP(sizes=(12, 16, 3))
+    state = model.init_state(0)
+    finals = []
+    for micro_batch_size in (None, 7):
+        with ParallelBatchProcessor(model, num_processes=2, batch_size=90, sync=sync,
+                                    optimizer="sgd", micro_batch_size=micro_batch_size) as p:
+            finals.append(p.process_batch(x, y, state, {"learning_rate": 0.1}))
+    np.testing.assert_allclose(finals[1][0].buffer, finals[0][0].buffer, rtol=RTOL, atol=ATOL)
+    assert finals[1][1]["loss"] == pytest.approx(finals[0][1]["loss"], rel=1e-5)
+
+
+def test_training_state_lets_a_new_processor_resume_bitwise(blobs):
+    model = MLP(sizes=(12, 16, 3))
+    start = model.init_state(0)
+    options = dict(num_processes=2, batch_size=64, optimizer="adam", seed=3)
+    with ParallelBatchProcessor(model, **options) as processor:
+        state = start
+        for _ in range(2):
+            state, _ = processor.run_parallel(*blobs, state, {"learning_rate": 0.01})
+        uninterrupted = state
+    with ParallelBatchProcessor(model, **options) as processor:
+        halfway, _ = processor.run_parallel(*blobs, start, {"learning_rate": 0.01})
+        saved = processor.training_state()
+    with ParallelBatchProcessor(model, **options) as processor:
+        processor.load_training_state(saved)
+        resumed, _ = processor.run_parallel(*blobs, halfway, {"learning_rate": 0.01})
+    np.testing.assert_array_equal(resumed.buffer, uninterrupted.buffer)
