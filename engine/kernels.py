@@ -80,26 +80,28 @@ def clip_scale(global_norm, clip_norm):
 
 
 @njit(cache=True, nogil=True)
-def sgd_into(params, velocity, grads, start, stop, learning_rate, momentum, nesterov, scale):
-    """SGD step on params[start:stop]; with momentum > 0, velocity[start:stop] is its buffer.
+def sgd_into(params_out, velocity_out, params, velocity, grads, start, stop, learning_rate,
+             momentum, nesterov, scale):
+    """SGD step on [start, stop): reads params/velocity, writes params_out/velocity_out.
 
-    velocity = momentum * velocity - lr * g;  params += velocity  (Nesterov: momentum*velocity - lr*g)
+    velocity = momentum * velocity - lr * g;  params += velocity  (Nesterov: momentum*velocity - lr*g).
+    The outputs may be the inputs (in place) or other buffers (so a step can be re-run).
     """
     lr = np.float32(learning_rate)
     mu = np.float32(momentum)
     s = np.float32(scale)
     if momentum == 0.0:
         for j in range(start, stop):
-            params[j] -= lr * (s * grads[j])
+            params_out[j] = params[j] - lr * (s * grads[j])
     else:
         for j in range(start, stop):
             g = s * grads[j]
             v = mu * velocity[j] - lr * g
-            velocity[j] = v
+            velocity_out[j] = v
             if nesterov:
-                params[j] += mu * v - lr * g
+                params_out[j] = params[j] + (mu * v - lr * g)
             else:
-                params[j] += v
+                params_out[j] = params[j] + v
 
 
 def sgd_ref(params, velocity, grads, learning_rate, momentum, nesterov, scale):
@@ -113,11 +115,12 @@ def sgd_ref(params, velocity, grads, learning_rate, momentum, nesterov, scale):
 
 
 @njit(cache=True, nogil=True)
-def adam_into(params, m, v, grads, start, stop, learning_rate, beta1, beta2, epsilon, step,
-              weight_decay, scale):
-    """Adam (weight_decay=0) or AdamW (decoupled weight decay) step on params[start:stop].
+def adam_into(params_out, m_out, v_out, params, m, v, grads, start, stop, learning_rate, beta1,
+              beta2, epsilon, step, weight_decay, scale):
+    """Adam (weight_decay=0) or AdamW (decoupled weight decay) step on [start, stop).
 
-    ``step`` is the 1-based update count used for bias correction.
+    Reads params/m/v, writes params_out/m_out/v_out (which may be the same arrays). ``step`` is the
+    1-based update count used for bias correction.
     """
     b1 = np.float32(beta1)
     b2 = np.float32(beta2)
@@ -134,12 +137,12 @@ def adam_into(params, m, v, grads, start, stop, learning_rate, beta1, beta2, eps
         g = s * grads[j]
         mj = b1 * m[j] + one_minus_b1 * g
         vj = b2 * v[j] + one_minus_b2 * (g * g)
-        m[j] = mj
-        v[j] = vj
+        m_out[j] = mj
+        v_out[j] = vj
         p = params[j]
         if weight_decay != 0.0:
             p = p * decay
-        params[j] = p - lr_t * mj / (np.sqrt(vj) + eps_t)
+        params_out[j] = p - lr_t * mj / (np.sqrt(vj) + eps_t)
 
 
 def adam_ref(params, m, v, grads, learning_rate, beta1, beta2, epsilon, step, weight_decay, scale):

@@ -4,6 +4,10 @@ An optimizer here holds only hyper-parameters. Its per-parameter state (momentum
 lives in a buffer the processor owns, shaped ``(optimizer.num_buffers, num_weights)``, and every
 update touches only ``[start, stop)``: in ``sync="gradients"`` mode worker *i* updates slice *i* of
 the shared parameters and keeps only that slice of optimizer state.
+
+``update_into(params_out, buffers_out, params, buffers, grads, ...)`` reads one copy of the
+parameters and optimizer state and writes another (or the same, for an in-place update): with two
+copies, an update interrupted by a dying worker can simply be run again.
 """
 from dataclasses import dataclass
 
@@ -27,10 +31,11 @@ class SGD:
     def num_buffers(self):
         return 1 if self.momentum > 0 else 0
 
-    def update_into(self, params, buffers, grads, start, stop, learning_rate, step, scale):
-        velocity = buffers[0] if self.num_buffers else grads  # unused without momentum
-        kernels.sgd_into(params, velocity, grads, start, stop, learning_rate, self.momentum,
-                         self.nesterov, scale)
+    def update_into(self, params_out, buffers_out, params, buffers, grads, start, stop,
+                    learning_rate, step, scale):
+        velocity_out, velocity = (buffers_out[0], buffers[0]) if self.num_buffers else (grads, grads)
+        kernels.sgd_into(params_out, velocity_out, params, velocity, grads, start, stop,
+                         learning_rate, self.momentum, self.nesterov, scale)
 
 
 @dataclass(frozen=True)
@@ -53,9 +58,11 @@ class Adam:
 
     num_buffers = 2
 
-    def update_into(self, params, buffers, grads, start, stop, learning_rate, step, scale):
-        kernels.adam_into(params, buffers[0], buffers[1], grads, start, stop, learning_rate,
-                          self.beta1, self.beta2, self.epsilon, step, self.weight_decay, scale)
+    def update_into(self, params_out, buffers_out, params, buffers, grads, start, stop,
+                    learning_rate, step, scale):
+        kernels.adam_into(params_out, buffers_out[0], buffers_out[1], params, buffers[0], buffers[1],
+                          grads, start, stop, learning_rate, self.beta1, self.beta2, self.epsilon,
+                          step, self.weight_decay, scale)
 
 
 def AdamW(weight_decay=0.01, **options):

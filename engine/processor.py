@@ -176,7 +176,7 @@ class ParallelBatchProcessor:
     def reset_optimizer(self):
         """Forget optimizer state (momentum, Adam moments and step count)."""
         if self._work is not None:
-            self._work.optimizer.fill(0.0)
+            self._work.versions_of_optimizer.fill(0.0)
             self._work.control[ws.STEP] = 0
 
     @property
@@ -237,9 +237,11 @@ class ParallelBatchProcessor:
             return
         self.close()
         sweep_orphaned_blocks()
-        copies = 1 if self.sync == "gradients" else self.num_processes
-        spec = Workspace.make_spec(layout.size, layout.num_weights, self.num_processes, copies,
-                                   self.optimizer.num_buffers)
+        gradients = self.sync == "gradients"
+        spec = Workspace.make_spec(layout.size, layout.num_weights, self.num_processes,
+                                   versions=2 if gradients else 1,
+                                   optimizer_copies=1 if gradients else self.num_processes,
+                                   optimizer_buffers=self.optimizer.num_buffers)
         shared = self.num_processes > 1
         self._work = Workspace(spec, shared=shared, create=True)
         self._work.state_bounds[:] = partition(layout.size, self.num_processes)
@@ -314,6 +316,7 @@ class ParallelBatchProcessor:
                 grad_norm = float(np.sqrt(work.results[:, ws.SUM_SQUARES].sum()))
                 work.control[ws.SCALE] = clip_scale(grad_norm, clip_norm)
                 self._run(ops.UPDATE, step)
+            work.flip()
         else:
             self._run(ops.LOCAL_STEP, step)
             work.control[ws.REFRESH] = 0.0

@@ -63,7 +63,8 @@ class WorkerCore:
         self.worker_id, self.model, self.layout, self.optimizer = worker_id, model, layout, optimizer
         self.work, self.data = work, data
         self.num_weights = layout.num_weights
-        self.params_state = NetworkState.from_buffer(layout, work.params)
+        self._params_states = [NetworkState.from_buffer(layout, version)
+                               for version in work.versions_of_params]
         self.local_state = NetworkState.from_buffer(layout, work.slots[worker_id])
         self.slot_weights, self.slot_theta = layout.views(work.slots[worker_id])
         start, stop = work.state_bounds[worker_id], work.state_bounds[worker_id + 1]
@@ -73,6 +74,10 @@ class WorkerCore:
         # sync="states" gathers gradients and new theta here (its slot holds its local state).
         self._local_flat = np.empty(layout.size, np.float32)
         self._local_grads, self._local_theta = layout.views(self._local_flat)
+
+    @property
+    def params_state(self):
+        return self._params_states[int(self.work.control[ws.PARITY]) % len(self._params_states)]
 
     def run(self, op):
         handler = {COMPUTE: self.compute, REDUCE: self.reduce, UPDATE: self.update,
@@ -109,15 +114,17 @@ class WorkerCore:
         work.results[self.worker_id, ws.SUM_SQUARES] = sum_squares
 
     def update(self):
-        """Optimizer step on this worker's slice of the weights; averaged theta copied in."""
+        """Optimizer step on this worker's slice of the weights, written into the next version of
+        the state (the current one stays intact until the owner flips); averaged theta copied in."""
         work, control = self.work, self.work.control
         start, stop = self.weight_slice
         if stop > start:
-            self.optimizer.update_into(work.params, work.optimizer[0], work.reduced, start, stop,
+            self.optimizer.update_into(work.next_params, work.next_optimizer[0], work.params,
+                                       work.optimizer[0], work.reduced, start, stop,
                                        control[ws.LEARNING_RATE], control[ws.STEP] + 1,
                                        control[ws.SCALE])
         start, stop = self.theta_slice
-        work.params[start:stop] = work.reduced[start:stop]
+        work.next_params[start:stop] = work.reduced[start:stop]
 
     def reduce_update(self):
         self.reduce()
@@ -138,9 +145,10 @@ class WorkerCore:
             results[ws.LOSS] = results[ws.COUNT] = 0.0
             return
         _, count = self._train_on_shard(state, self._local_grads, self._local_theta)
-        self.optimizer.update_into(state.buffer, work.optimizer[self.worker_id], self._local_flat, 0,
-                                   self.num_weights, control[ws.LEARNING_RATE],
-                                   control[ws.STEP] + 1, 1.0)
+        own_optimizer = work.optimizer[self.worker_id]
+        self.optimizer.update_into(state.buffer, own_optimizer, state.buffer, own_optimizer,
+                                   self._local_flat, 0, self.num_weights,
+                                   control[ws.LEARNING_RATE], control[ws.STEP] + 1, 1.0)
         state.buffer[self.num_weights:] = self._local_flat[self.num_weights:]
         results[ws.SINCE_SYNC] += count
 

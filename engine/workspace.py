@@ -3,7 +3,10 @@
 Two kinds of block, each described by a small picklable ``spec`` dict so that the owner and every
 worker compute the same offsets:
 
-* the **workspace** (one per processor and state layout): the canonical state ``params``, one
+* the **workspace** (one per processor and state layout): the canonical state ``params`` (two
+  copies in ``sync="gradients"`` mode, with the optimizer state likewise: an update reads the
+  current copy and writes the other, so an update cut short by a dying worker can be run again
+  from intact inputs; the owner flips ``control[PARITY]`` once every worker has finished), one
   ``slots[i]`` per worker (gradients and new theta in ``gradients`` mode, the worker's local state
   in ``states`` mode), the averaged vector ``reduced``, optimizer buffers, and control arrays;
 * the **data** block (re-created only when a larger dataset arrives): examples, labels and
@@ -16,7 +19,7 @@ import numpy as np
 from engine.shm import SharedBlock
 
 # Global control fields (float64 array ``control``), written by the owner before it signals an op.
-LEARNING_RATE, STEP, SCALE, SEED, REFRESH, MICRO_BATCH = range(6)
+LEARNING_RATE, STEP, SCALE, SEED, REFRESH, MICRO_BATCH, PARITY = range(7)
 NUM_CONTROL = 8
 # Per-worker result fields (float64 array ``results[i]``), written by worker i.
 LOSS, COUNT, COMPUTE_S, SUM_SQUARES, PEAK_RSS, SINCE_SYNC = range(6)
@@ -68,22 +71,54 @@ class Workspace(_Arrays):
         super().__init__(spec, "workspace", shared, create)
 
     @staticmethod
-    def make_spec(num_values, num_weights, num_workers, optimizer_copies, optimizer_buffers):
+    def make_spec(num_values, num_weights, num_workers, versions, optimizer_copies,
+                  optimizer_buffers):
         return dict(num_values=num_values, num_weights=num_weights, num_workers=num_workers,
-                    optimizer_copies=optimizer_copies, optimizer_buffers=optimizer_buffers)
+                    versions=versions, optimizer_copies=optimizer_copies,
+                    optimizer_buffers=optimizer_buffers)
 
     @staticmethod
     def _fields(spec):
-        p, w, n = spec["num_values"], spec["num_weights"], spec["num_workers"]
-        return [("params", (p,), np.float32),
+        p, w, n, versions = (spec["num_values"], spec["num_weights"], spec["num_workers"],
+                             spec["versions"])
+        return [("versions_of_params", (versions, p), np.float32),
                 ("slots", (n, p), np.float32),
                 ("reduced", (p,), np.float32),
-                ("optimizer", (spec["optimizer_copies"], spec["optimizer_buffers"], w), np.float32),
+                ("versions_of_optimizer", (versions, spec["optimizer_copies"],
+                                           spec["optimizer_buffers"], w), np.float32),
                 ("control", (NUM_CONTROL,), np.float64),
                 ("results", (n, NUM_RESULTS), np.float64),
                 ("coefficients", (n,), np.float64),
                 ("shard_bounds", (n + 1,), np.int64),
                 ("state_bounds", (n + 1,), np.int64)]
+
+
+    @property
+    def _current(self):
+        return int(self.control[PARITY]) % self.spec["versions"]
+
+    @property
+    def params(self):
+        """The current state (all weights, then theta)."""
+        return self.versions_of_params[self._current]
+
+    @property
+    def next_params(self):
+        """Where an update writes (the current state itself when there is one version)."""
+        return self.versions_of_params[(self._current + 1) % self.spec["versions"]]
+
+    @property
+    def optimizer(self):
+        """Current optimizer state: (copies, buffers, num_weights)."""
+        return self.versions_of_optimizer[self._current]
+
+    @property
+    def next_optimizer(self):
+        return self.versions_of_optimizer[(self._current + 1) % self.spec["versions"]]
+
+    def flip(self):
+        """Make the freshly written version current (after every worker finished its update)."""
+        self.control[PARITY] = (self._current + 1) % self.spec["versions"]
 
 
 class DataArrays(_Arrays):

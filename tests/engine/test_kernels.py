@@ -46,10 +46,18 @@ def test_sgd_matches_twin(momentum, nesterov):
     expected_params, expected_velocity = kernels.sgd_ref(params, velocity, grads, 0.1, momentum,
                                                          nesterov, 0.5)
     bounds = partition(1000, 2)
+    params_out, velocity_out = np.empty_like(params), np.empty_like(velocity)
     for start, stop in zip(bounds[:-1], bounds[1:]):
-        kernels.sgd_into(params, velocity, grads, start, stop, 0.1, momentum, nesterov, 0.5)
-    np.testing.assert_allclose(params, expected_params, rtol=RTOL, atol=1e-7)
-    np.testing.assert_allclose(velocity, expected_velocity, rtol=RTOL, atol=1e-7)
+        kernels.sgd_into(params_out, velocity_out, params, velocity, grads, start, stop, 0.1,
+                         momentum, nesterov, 0.5)
+    np.testing.assert_allclose(params_out, expected_params, rtol=RTOL, atol=1e-7)
+    if momentum:
+        np.testing.assert_allclose(velocity_out, expected_velocity, rtol=RTOL, atol=1e-7)
+    # In place (outputs are the inputs) gives the same numbers.
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        kernels.sgd_into(params, velocity, params, velocity, grads, start, stop, 0.1, momentum,
+                         nesterov, 0.5)
+    np.testing.assert_array_equal(params, params_out)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
@@ -60,8 +68,8 @@ def test_adam_matches_textbook_twin_over_several_steps(weight_decay):
     bounds = partition(5000, 3)
     for step in range(1, 6):
         for start, stop in zip(bounds[:-1], bounds[1:]):
-            kernels.adam_into(params, m, v, grads, start, stop, 1e-2, 0.9, 0.999, 1e-7, step,
-                              weight_decay, 1.0)
+            kernels.adam_into(params, m, v, params, m, v, grads, start, stop, 1e-2, 0.9, 0.999,
+                              1e-7, step, weight_decay, 1.0)
         ref_params, ref_m, ref_v = kernels.adam_ref(ref_params, ref_m, ref_v, grads, 1e-2, 0.9,
                                                     0.999, 1e-7, step, weight_decay, 1.0)
     np.testing.assert_allclose(params, ref_params, rtol=1e-5, atol=1e-6)
@@ -73,3 +81,17 @@ def test_clip_scale_limits_the_global_norm_and_leaves_small_gradients_alone():
     assert kernels.clip_scale(10.0, 2.0) == pytest.approx(0.2)
     assert kernels.clip_scale(1.0, 2.0) == 1.0
     assert kernels.clip_scale(10.0, None) == 1.0
+
+
+def test_adam_into_separate_outputs_leaves_its_inputs_intact_so_it_can_be_rerun():
+    params, grads = _random(100, 9), _random(100, 10)
+    m, v = _random(100, 11) * 0.1, np.abs(_random(100, 12)) * 0.1
+    before = [a.copy() for a in (params, m, v)]
+    outs = [np.empty_like(a) for a in (params, m, v)]
+    for _ in range(2):  # a re-run after an interruption writes the same result
+        kernels.adam_into(*outs, params, m, v, grads, 0, 100, 1e-2, 0.9, 0.999, 1e-7, 3, 0.0, 1.0)
+    for original, kept in zip(before, (params, m, v)):
+        np.testing.assert_array_equal(original, kept)
+    expected = kernels.adam_ref(params, m, v, grads, 1e-2, 0.9, 0.999, 1e-7, 3, 0.0, 1.0)
+    for out, want in zip(outs, expected):
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-7)
