@@ -1,24 +1,34 @@
-"""Persistent worker processes: start, send an operation to all, wait for all, tear down.
+"""Persistent worker processes: start, send an operation to all, wait for all, replace the dead.
 
-The owner waits on the answer pipes *and* the process sentinels together (``connection.wait``, a
-blocking poll), so a worker that dies is noticed at once, and nothing spins while workers compute.
-Any failure tears the whole pool down before the exception reaches the caller: no half-alive pool,
-no orphan process.
+The owner waits on the answer pipes *and* the process sentinels together (one ``poll``), so a
+worker that dies is noticed at once, and nothing spins while workers compute.
+
+Recovery: every operation is safe to run again (a worker writes only its own slot, its own slice
+of ``reduced``, or the *next* version of the state), so when a worker dies (killed, out of memory,
+segfault) or overruns ``timeout_s`` (it is then killed), a fresh worker takes its place, attaches
+the same shared memory and runs the same operation again; the other workers' results stand. After
+``max_restarts`` replacements within one call, the pool is torn down and WorkerCrashedError (or
+WorkerTimeoutError) carries the worker id, exit code and the tail of its stderr. A worker that
+*raises* is not replaced: the same input would raise again; WorkerError carries its traceback.
 """
 import os
 import pickle
 import select
+import shutil
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 
 import multiprocess
 
 from engine.errors import WorkerCrashedError, WorkerError, WorkerTimeoutError
+from engine.faults import parse_faults
 from engine.worker import ATTACH_DATA, FAILED, STOP, receive_message, send_message, worker_main
 
 _STARTUP_TIMEOUT_S = 300.0
 _JOIN_TIMEOUT_S = 3.0
+_STDERR_TAIL_LINES = 20
 
 
 def default_start_method():
@@ -53,98 +63,191 @@ def _thread_environment(num_threads, start_method):
                 os.environ[name] = value
 
 
-class WorkerPool:
-    """``num_workers`` processes running :func:`engine.worker.worker_main` on a shared workspace."""
+class _Worker:
+    """One worker process with its two pipe ends (owner side) and its stderr log."""
 
-    def __init__(self, spec, num_workers, start_method, timeout_s=None):
-        self.timeout_s = timeout_s
-        self.processes, self.commands, self.answers = [], [], []
-        self._poller, self._owners = None, {}
-        context = multiprocess.get_context(start_method)
+    def __init__(self, process, command, answer, log_path):
+        self.process, self.command, self.answer, self.log_path = process, command, answer, log_path
+
+    def stderr_tail(self):
+        """The last lines of the worker's stderr; a crash report from faulthandler is kept from
+        its first line ("Fatal Python error: ...") so the cause is not cut off."""
         try:
-            with _thread_environment(spec["threads"], start_method):
-                for worker_id in range(num_workers):
-                    command_read, command_write = context.Pipe(duplex=False)
-                    answer_read, answer_write = context.Pipe(duplex=False)
-                    process = context.Process(target=worker_main, name=f"engine-worker-{worker_id}",
-                                              args=(worker_id, spec, command_read, answer_write),
-                                              daemon=True)
-                    process.start()
-                    # Drop our copies of the child's ends so a dead peer shows up as EOF.
-                    command_read.close()
-                    answer_write.close()
-                    self.processes.append(process)
-                    self.commands.append(command_write)
-                    self.answers.append(answer_read)
-            self._wait_all(step="startup", timeout_s=max(_STARTUP_TIMEOUT_S, timeout_s or 0))
+            with open(self.log_path, errors="replace") as f:
+                lines = f.readlines()
+        except OSError:
+            return ""
+        crash = [i for i, line in enumerate(lines) if line.startswith("Fatal Python error")]
+        first = crash[-1] if crash else len(lines) - _STDERR_TAIL_LINES
+        return "".join(lines[max(0, first):][:3 * _STDERR_TAIL_LINES]).rstrip()
+
+    def close(self, force=False):
+        if force and self.process.is_alive():
+            self.process.kill()
+        self.process.join(_JOIN_TIMEOUT_S)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.command.close()
+        self.answer.close()
+
+
+class WorkerPool:
+    """``num_workers`` processes running :func:`engine.worker.worker_main` on a shared workspace.
+
+    Args:
+        spec: what every worker needs (model, layout, optimizer, workspace spec, threads, ...).
+        start_method: multiprocess start method. timeout_s: longest one operation may take.
+        max_restarts: dead or hung workers replaced per call of :meth:`run` sequence between two
+            :meth:`reset_restart_budget` calls; past it the pool is torn down and the error raised.
+    """
+
+    def __init__(self, spec, num_workers, start_method, timeout_s=None, max_restarts=3):
+        self.spec, self.timeout_s, self.max_restarts = dict(spec), timeout_s, max_restarts
+        self.context = multiprocess.get_context(start_method)
+        self.start_method = start_method
+        self.log_directory = tempfile.mkdtemp(prefix=f"engine_{os.getpid()}_logs_")
+        self.faults = parse_faults(os.environ.get("ENGINE_TEST_FAULTS", ""))
+        self.workers = [None] * num_workers
+        self.restarts, self._budget_used = [], 0
+        self._poller, self._owners = select.poll(), {}
+        self._data_spec = None
+        self._current = None  # (op, step, payload) of the operation in flight
+        try:
+            for worker_id in range(num_workers):
+                self._launch(worker_id, first=True)
+            for worker_id in range(num_workers):
+                self._await_ready(worker_id)
         except BaseException:
             self.close()
             raise
 
     @property
     def pids(self):
-        return [process.pid for process in self.processes]
+        return [worker.process.pid for worker in self.workers if worker is not None]
 
+    # -- starting and replacing workers ----------------------------------------------------------
+    def _launch(self, worker_id, first):
+        spec = dict(self.spec, data=self._data_spec, replacement=not first,
+                    faults=[f for f in self.faults if f.worker == worker_id] if first else [],
+                    log_path=os.path.join(self.log_directory, f"worker-{worker_id}.log"))
+        command_read, command_write = self.context.Pipe(duplex=False)
+        answer_read, answer_write = self.context.Pipe(duplex=False)
+        process = self.context.Process(target=worker_main, name=f"engine-worker-{worker_id}",
+                                       args=(worker_id, spec, command_read, answer_write),
+                                       daemon=True)
+        with _thread_environment(self.spec["threads"], self.start_method):
+            process.start()
+        # Drop our copies of the child's ends so a dead peer shows up as EOF.
+        command_read.close()
+        answer_write.close()
+        self.workers[worker_id] = _Worker(process, command_write, answer_read, spec["log_path"])
+        for fd, is_sentinel in ((answer_read.fileno(), False), (process.sentinel, True)):
+            self._owners[fd] = (worker_id, is_sentinel)
+            self._poller.register(fd, select.POLLIN)
+
+    def _await_ready(self, worker_id):
+        """Block until a freshly started worker has attached its shared memory."""
+        worker = self.workers[worker_id]
+        ready = multiprocess.connection.wait([worker.answer, worker.process.sentinel],
+                                             timeout=max(_STARTUP_TIMEOUT_S, self.timeout_s or 0))
+        if worker.answer in ready:
+            status, payload = receive_message(worker.answer.fileno())
+            if status == FAILED:
+                raise WorkerError(worker_id, payload.decode(errors="replace"))
+            return
+        if not ready:
+            worker.close(force=True)
+            raise WorkerTimeoutError([worker_id], _STARTUP_TIMEOUT_S, "startup")
+        worker.process.join(_JOIN_TIMEOUT_S)
+        raise WorkerCrashedError(worker_id, worker.process.exitcode, worker.stderr_tail())
+
+    def _retire(self, worker_id, force):
+        worker = self.workers[worker_id]
+        for fd in (worker.answer.fileno(), worker.process.sentinel):
+            self._poller.unregister(fd)
+            self._owners.pop(fd, None)
+        worker.close(force=force)
+        self.workers[worker_id] = None
+        return worker
+
+    def _replace(self, worker_id, step, reason):
+        """Replace a dead (or hung: killed first) worker and give it the operation in flight."""
+        worker = self._retire(worker_id, force=True)
+        exitcode, tail = worker.process.exitcode, worker.stderr_tail()
+        self._budget_used += 1
+        self.restarts.append(dict(worker=worker_id, step=step, reason=reason, exitcode=exitcode,
+                                  stderr_tail=tail))
+        if self._budget_used > self.max_restarts:
+            if reason == "timeout":
+                raise WorkerTimeoutError([worker_id], self.timeout_s, step)
+            raise WorkerCrashedError(worker_id, exitcode, tail)
+        self._launch(worker_id, first=False)
+        self._await_ready(worker_id)
+        op, _, payload = self._current
+        send_message(self.workers[worker_id].command.fileno(), op, payload)
+
+    def reset_restart_budget(self):
+        self._budget_used = 0
+
+    # -- running operations ----------------------------------------------------------------------
     def run(self, op, step=None, payload=b""):
         """Send ``op`` to every worker and wait until all have answered."""
-        for command in self.commands:
-            send_message(command.fileno(), op, payload)
-        self._wait_all(step=step, timeout_s=self.timeout_s)
-
-    def attach_data(self, data):
-        """Tell every worker to map a new data block (pickled spec: rare, never per step)."""
-        self.run(ATTACH_DATA, payload=pickle.dumps(data.spec))
-
-    def _wait_all(self, step, timeout_s):
-        if self._poller is None:
-            self._poller = select.poll()
-            for worker_id, (answer, process) in enumerate(zip(self.answers, self.processes)):
-                self._owners[answer.fileno()] = (worker_id, False)
-                self._owners[process.sentinel] = (worker_id, True)
-                self._poller.register(answer.fileno(), select.POLLIN)
-                self._poller.register(process.sentinel, select.POLLIN)
-        pending = set(range(len(self.processes)))
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._current = (op, step, payload)
         try:
-            while pending:
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                events = self._poller.poll(None if remaining is None else remaining * 1000)
-                if not events:
-                    raise WorkerTimeoutError(sorted(pending), timeout_s, step)
-                # Answers first: a worker may answer and exit in the same instant.
-                for fd, _ in sorted(events, key=lambda event: self._owners[event[0]][1]):
-                    worker_id, is_sentinel = self._owners[fd]
-                    if is_sentinel:
-                        if worker_id in pending:
-                            self.processes[worker_id].join(_JOIN_TIMEOUT_S)
-                            raise WorkerCrashedError(worker_id, self.processes[worker_id].exitcode)
-                        continue
-                    status, payload = receive_message(fd)
-                    pending.discard(worker_id)
-                    if status == FAILED:
-                        raise WorkerError(worker_id, payload.decode(errors="replace"))
+            for worker in self.workers:
+                try:
+                    send_message(worker.command.fileno(), op, payload)
+                except BrokenPipeError:
+                    pass  # it died; its sentinel is ready and _wait_all replaces it
+            self._wait_all(step)
         except BaseException:
             self.close()
             raise
 
+    def attach_data(self, data):
+        """Tell every worker to map a new data block (pickled spec: rare, never per step)."""
+        self._data_spec = data.spec
+        self.run(ATTACH_DATA, payload=pickle.dumps(data.spec))
+
+    def _wait_all(self, step):
+        pending = set(range(len(self.workers)))
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        while pending:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            events = self._poller.poll(None if remaining is None else remaining * 1000)
+            if not events:
+                for worker_id in sorted(pending):
+                    self._replace(worker_id, step, "timeout")
+                deadline = time.monotonic() + self.timeout_s
+                continue
+            # Answers first: a worker may answer and exit in the same instant.
+            for fd, _ in sorted(events, key=lambda event: self._owners.get(event[0], (0, 1))[1]):
+                if fd not in self._owners:
+                    continue  # belonged to a worker replaced earlier in this loop
+                worker_id, is_sentinel = self._owners[fd]
+                if is_sentinel:
+                    self._replace(worker_id, step, "died")
+                    pending.add(worker_id)
+                    continue
+                try:
+                    status, payload = receive_message(fd)
+                except EOFError:
+                    continue  # it died mid-answer; the sentinel event follows
+                pending.discard(worker_id)
+                if status == FAILED:
+                    raise WorkerError(worker_id, payload.decode(errors="replace"))
+
     def close(self):
         """Stop every worker (politely, then by force) and close the pipes. Safe to call twice."""
-        for command in self.commands:
-            try:
-                send_message(command.fileno(), STOP)
-            except (OSError, ValueError):
-                pass
-        deadline = time.monotonic() + _JOIN_TIMEOUT_S
-        for process in self.processes:
-            process.join(max(0.0, deadline - time.monotonic()))
-        for process in self.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(_JOIN_TIMEOUT_S)
-            if process.is_alive():
-                process.kill()
-                process.join()
-        for connection in self.commands + self.answers:
-            connection.close()
-        self.processes, self.commands, self.answers = [], [], []
-        self._poller, self._owners = None, {}
+        for worker in self.workers:
+            if worker is not None:
+                try:
+                    send_message(worker.command.fileno(), STOP)
+                except (OSError, ValueError):
+                    pass
+        for worker_id, worker in enumerate(self.workers):
+            if worker is not None:
+                self._retire(worker_id, force=False)
+        shutil.rmtree(self.log_directory, ignore_errors=True)
+

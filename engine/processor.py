@@ -51,16 +51,18 @@ class ParallelBatchProcessor:
             Its state persists across calls until :meth:`reset_optimizer`.
         seed: seeds batch shuffling and each worker's per-step random stream (dropout).
         start_method: "fork", "spawn" or "forkserver"; None picks forkserver on Linux.
-        timeout_s: longest a step may take before the pool is torn down with WorkerTimeoutError.
+        timeout_s: longest one phase of a step may take; a worker past it is killed and replaced.
+        max_restarts: dead or hung workers replaced per call (the step is recomputed; in gradients
+            mode the result is identical); one more raises WorkerCrashedError/WorkerTimeoutError.
         micro_batch_size: most examples a worker runs through the model at once; a larger shard
             is processed in chunks whose gradients are accumulated (same maths, less memory).
     """
 
     def __init__(self, model=None, *, num_processes=None, batch_size=50, sync="gradients",
                  update_interval=1, optimizer="adam", seed=0, start_method=None, timeout_s=None,
-                 micro_batch_size=None):
+                 micro_batch_size=None, max_restarts=3):
         check_processor_options(num_processes, batch_size, sync, update_interval, timeout_s,
-                                start_method, seed, micro_batch_size)
+                                start_method, seed, micro_batch_size, max_restarts)
         self.model = model
         cores = usable_cores()
         self.num_processes = cores if num_processes is None else int(num_processes)
@@ -75,7 +77,7 @@ class ParallelBatchProcessor:
         self.threads_per_process = max(1, cores // self.num_processes)
         if self.num_processes > cores:
             _warn_oversubscription(self.num_processes, cores)
-        self.micro_batch_size = micro_batch_size
+        self.micro_batch_size, self.max_restarts = micro_batch_size, max_restarts
         self._layout = self._work = self._data = self._executor = None
         self._pending_training_state = None
         self._steps_since_average = 0
@@ -101,6 +103,7 @@ class ParallelBatchProcessor:
         """
         learning_rate, update_weights, clip_norm = check_params(params)
         examples, labels = self._prepare(examples, labels, initial_state)
+        restarts_before = self._begin_call()
         order = self._rng.permutation(len(examples)) if update_weights else None
         self._load_data(examples, labels, order)
         self._load_state(initial_state)
@@ -114,6 +117,7 @@ class ParallelBatchProcessor:
         if update_weights and self.sync == "states" and self._steps_since_average:
             self._average_states()
         results = _collect(records, self._work.results[:, ws.PEAK_RSS])
+        results["restarts"] = self._restarts_since(restarts_before)
         if not update_weights:
             results["predictions"] = self._data.predictions[:len(examples)].copy()
         return self._current_state(), results
@@ -128,6 +132,7 @@ class ParallelBatchProcessor:
         """
         learning_rate, update_weights, clip_norm = check_params(params)
         examples, labels = self._prepare(examples, labels, state)
+        restarts_before = self._begin_call()
         self._load_data(examples, labels, None)
         if state is not self._returned_state or self.sync == "gradients":
             self._load_state(state)
@@ -139,6 +144,7 @@ class ParallelBatchProcessor:
         results = {key: value[0] for key, value in _collect([record], []).items()
                    if key not in ("peak_rss_bytes", "mean_loss")}
         results["peak_rss_bytes"] = self._work.results[:, ws.PEAK_RSS].astype(np.int64).tolist()
+        results["restarts"] = self._restarts_since(restarts_before)
         if not update_weights:
             results["predictions"] = self._data.predictions[:rows].copy()
         if update_weights and self.sync == "states" and self._steps_since_average:
@@ -172,6 +178,18 @@ class ParallelBatchProcessor:
                              "sync mode or process count differ from the saved run.")
         self._work.optimizer[...] = saved["optimizer"]
         self._work.control[ws.STEP] = saved["step"]
+
+    def _begin_call(self):
+        """Each call gets max_restarts replacements; returns where its restart records begin."""
+        if isinstance(self._executor, WorkerPool):
+            self._executor.reset_restart_budget()
+            return len(self._executor.restarts)
+        return 0
+
+    def _restarts_since(self, first):
+        if isinstance(self._executor, WorkerPool):
+            return list(self._executor.restarts[first:])
+        return []
 
     def reset_optimizer(self):
         """Forget optimizer state (momentum, Adam moments and step count)."""
@@ -252,10 +270,10 @@ class ParallelBatchProcessor:
         self._layout, self._num_outputs = layout, num_outputs
         if shared:
             self._executor = WorkerPool(
-                dict(model=self.model, layout=layout, optimizer=self.optimizer,
+                dict(model=self.model, layout=layout, optimizer=self.optimizer, sync=self.sync,
                      workspace=self._work.spec, threads=self.threads_per_process,
                      owner_pid=os.getpid()),
-                self.num_processes, self.start_method, self.timeout_s)
+                self.num_processes, self.start_method, self.timeout_s, self.max_restarts)
         else:
             self._executor = _InProcess(ops.WorkerCore(0, self.model, layout, self.optimizer,
                                                        self._work))

@@ -18,7 +18,11 @@ def _positive_int(name, value, hint):
 
 
 def check_processor_options(num_processes, batch_size, sync, update_interval, timeout_s,
-                            start_method, seed, micro_batch_size=None):
+                            start_method, seed, micro_batch_size=None, max_restarts=3):
+    if isinstance(max_restarts, bool) or not isinstance(max_restarts, numbers.Integral) or \
+            max_restarts < 0:
+        raise ValueError(f"max_restarts must be an int >= 0. Received: max_restarts={max_restarts!r}"
+                         ". Use 0 to fail on the first dead worker.")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be a non-negative int. Received: seed={seed!r}.")
     if num_processes is not None:

@@ -13,17 +13,20 @@ Message protocol (one pipe each way per worker, no pickling on the hot path)
   in ``UPDATE``.
 A worker ignores SIGINT (the owner decides how to stop), and exits by itself when the owner dies.
 """
+import faulthandler
 import os
 import pickle
 import resource
 import select
 import signal
+import sys
 import time
 import traceback
 
 import numpy as np
 
 from engine import workspace as ws
+from engine.faults import strike
 from engine.kernels import sum_squares, weighted_mean_into
 from engine.state import NetworkState
 
@@ -59,9 +62,9 @@ class _LazyRandom:
 class WorkerCore:
     """The maths of one worker on shared (or, in-process, private) arrays."""
 
-    def __init__(self, worker_id, model, layout, optimizer, work, data=None):
+    def __init__(self, worker_id, model, layout, optimizer, work, data=None, faults=()):
         self.worker_id, self.model, self.layout, self.optimizer = worker_id, model, layout, optimizer
-        self.work, self.data = work, data
+        self.work, self.data, self.faults = work, data, list(faults)
         self.num_weights = layout.num_weights
         self._params_states = [NetworkState.from_buffer(layout, version)
                                for version in work.versions_of_params]
@@ -91,7 +94,12 @@ class WorkerCore:
         """Loss and gradients of this worker's shard at ``params``, written into its slot."""
         self._run_timed(self._compute)
 
+    def _strike(self, op_name):
+        if self.faults:  # test-only fault injection (engine.faults)
+            strike(self.faults, op_name, int(self.work.control[ws.STEP]))
+
     def _compute(self):
+        self._strike("compute")
         work, results = self.work, self.work.results[self.worker_id]
         slot = work.slots[self.worker_id]
         start, stop = self._shard()
@@ -106,9 +114,15 @@ class WorkerCore:
 
     def reduce(self):
         """Weighted mean of every slot over this worker's slice into ``reduced``."""
+        self._strike("reduce")
         work = self.work
         start, stop = self.weight_slice
-        sum_squares = weighted_mean_into(work.reduced, work.slots, work.coefficients, start, stop, True)
+        middle = (start + stop) // 2 if self.faults else stop  # split only to inject a fault
+        sum_squares = weighted_mean_into(work.reduced, work.slots, work.coefficients, start, middle,
+                                         True)
+        self._strike("reduce_mid")
+        sum_squares += weighted_mean_into(work.reduced, work.slots, work.coefficients, middle, stop,
+                                          True)
         start, stop = self.theta_slice
         weighted_mean_into(work.reduced, work.slots, work.coefficients, start, stop, False)
         work.results[self.worker_id, ws.SUM_SQUARES] = sum_squares
@@ -116,13 +130,18 @@ class WorkerCore:
     def update(self):
         """Optimizer step on this worker's slice of the weights, written into the next version of
         the state (the current one stays intact until the owner flips); averaged theta copied in."""
+        self._strike("update")
         work, control = self.work, self.work.control
         start, stop = self.weight_slice
-        if stop > start:
-            self.optimizer.update_into(work.next_params, work.next_optimizer[0], work.params,
-                                       work.optimizer[0], work.reduced, start, stop,
-                                       control[ws.LEARNING_RATE], control[ws.STEP] + 1,
-                                       control[ws.SCALE])
+        middle = (start + stop) // 2 if self.faults else stop
+        for low, high in ((start, middle), (middle, stop)):
+            if high > low:
+                self.optimizer.update_into(work.next_params, work.next_optimizer[0], work.params,
+                                           work.optimizer[0], work.reduced, low, high,
+                                           control[ws.LEARNING_RATE], control[ws.STEP] + 1,
+                                           control[ws.SCALE])
+            if low == start:
+                self._strike("update_mid")
         start, stop = self.theta_slice
         work.next_params[start:stop] = work.reduced[start:stop]
 
@@ -136,6 +155,7 @@ class WorkerCore:
         self._run_timed(self._local_step)
 
     def _local_step(self):
+        self._strike("local_step")
         work, control, results = self.work, self.work.control, self.work.results[self.worker_id]
         state = self.local_state
         if control[ws.REFRESH]:
@@ -152,8 +172,16 @@ class WorkerCore:
         state.buffer[self.num_weights:] = self._local_flat[self.num_weights:]
         results[ws.SINCE_SYNC] += count
 
+    def restart_local_state(self):
+        """A replacement worker in states mode: its predecessor may have died mid-update, so it
+        restarts from the last average with fresh optimizer state (its local steps are lost)."""
+        self.local_state.buffer[:] = self.work.params
+        self.work.optimizer[self.worker_id].fill(0.0)
+        self.work.results[self.worker_id, ws.SINCE_SYNC] = 0.0
+
     def average(self):
         """Weighted mean of every worker's local state over this worker's slice into ``params``."""
+        self._strike("average")
         start, stop = self.state_slice
         weighted_mean_into(self.work.params, self.work.slots, self.work.coefficients, start, stop,
                            False)
@@ -165,6 +193,7 @@ class WorkerCore:
         self._run_timed(self._evaluate)
 
     def _evaluate(self):
+        self._strike("evaluate")
         start, stop = self._shard()
         results = self.work.results[self.worker_id]
         results[ws.COUNT], results[ws.LOSS] = stop - start, 0.0
@@ -256,13 +285,17 @@ def _read_exact(fd, count):
 def worker_main(worker_id, spec, command_pipe, answer_pipe):
     """Entry point of a worker process: attach, then serve operations until STOP or owner death."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    log = _log_stderr(spec["log_path"])  # noqa: F841 - stays open while the worker lives
     from engine.system import keep_freed_memory, limit_threads
     thread_limit = limit_threads(spec["threads"])  # noqa: F841 - the limit lasts while it lives
     keep_freed_memory()
     command_fd, answer_fd = command_pipe.fileno(), answer_pipe.fileno()
     work = ws.Workspace(spec["workspace"], shared=True, create=False)
-    data = None
-    core = WorkerCore(worker_id, spec["model"], spec["layout"], spec["optimizer"], work)
+    data = None if spec["data"] is None else ws.DataArrays(spec["data"], shared=True, create=False)
+    core = WorkerCore(worker_id, spec["model"], spec["layout"], spec["optimizer"], work, data,
+                      spec["faults"])
+    if spec["replacement"] and spec["sync"] == "states":
+        core.restart_local_state()
     send_message(answer_fd, OK)
     try:
         while True:
@@ -294,6 +327,31 @@ def worker_main(worker_id, spec, command_pipe, answer_pipe):
         if data is not None:
             data.close()
         work.close()
+
+
+class _Tee:
+    """Writes to the worker's inherited stderr and to its log, whose tail the owner reports if
+    the worker dies."""
+
+    def __init__(self, *streams):
+        self.streams = [stream for stream in streams if stream is not None]
+
+    def write(self, text):
+        for stream in self.streams:
+            stream.write(text)
+            stream.flush()
+        return len(text)
+
+    def flush(self):
+        for stream in self.streams:
+            stream.flush()
+
+
+def _log_stderr(path):
+    log = open(path, "a", buffering=1)
+    sys.stderr = _Tee(sys.__stderr__, log)
+    faulthandler.enable(file=log)  # a segfault's Python traceback lands in the log too
+    return log
 
 
 def _owner_alive(owner_pid):
