@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 
+from engine import signals
 from engine import workspace as ws
 from engine import worker as ops
 from engine.errors import NonFiniteLossError
@@ -207,6 +208,9 @@ class ParallelBatchProcessor:
         executor, self._executor = self._executor, None
         if isinstance(executor, WorkerPool):
             executor.close()
+        if getattr(self, "_holds_sigterm", False):
+            self._holds_sigterm = False
+            signals.release()
         for arrays in (self._data, self._work):
             if arrays is not None:
                 arrays.close()
@@ -269,6 +273,7 @@ class ParallelBatchProcessor:
             self._apply_training_state()
         self._layout, self._num_outputs = layout, num_outputs
         if shared:
+            self._holds_sigterm = signals.hold()
             self._executor = WorkerPool(
                 dict(model=self.model, layout=layout, optimizer=self.optimizer, sync=self.sync,
                      workspace=self._work.spec, threads=self.threads_per_process,

@@ -16,6 +16,8 @@ owner's back (CPython issue 82300, fixed only in 3.13 with ``track=False``).
 import mmap
 import os
 import secrets
+import shutil
+import tempfile
 import weakref
 
 import numpy as np
@@ -103,18 +105,26 @@ class SharedBlock:
         return not self._finalizer.alive
 
 
+def _owner_is_dead(name):
+    owner = name[len(PREFIX):].split("_", 1)[0]
+    return owner.isdigit() and not psutil.pid_exists(int(owner))
+
+
 def sweep_orphaned_blocks():
-    """Unlink engine blocks whose owner process no longer exists. Returns the names removed."""
-    if not os.path.isdir(SHM_DIRECTORY):
-        return []
+    """Unlink engine blocks (and worker log folders) whose owner process no longer exists.
+
+    Returns the names of the blocks removed.
+    """
     removed = []
-    for name in os.listdir(SHM_DIRECTORY):
-        if not name.startswith(PREFIX):
-            continue
-        owner = name[len(PREFIX):].split("_", 1)[0]
-        if owner.isdigit() and not psutil.pid_exists(int(owner)):
-            _unlink_quietly(name)
-            removed.append(name)
+    if os.path.isdir(SHM_DIRECTORY):
+        for name in os.listdir(SHM_DIRECTORY):
+            if name.startswith(PREFIX) and _owner_is_dead(name):
+                _unlink_quietly(name)
+                removed.append(name)
+    temporary = tempfile.gettempdir()
+    for name in os.listdir(temporary):
+        if name.startswith(PREFIX) and "_logs_" in name and _owner_is_dead(name):
+            shutil.rmtree(os.path.join(temporary, name), ignore_errors=True)
     return removed
 
 

@@ -99,6 +99,9 @@ def test_workers_exit_by_themselves_when_the_owner_is_killed():
     from engine.shm import sweep_orphaned_blocks
     sweep_orphaned_blocks()  # what the next engine start does
     assert blocks_of(script.pid) == []
+    import glob
+    import tempfile
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), f"engine_{script.pid}_logs_*"))
 
 
 def test_workers_keep_their_state_between_calls_without_restarting(blobs):
@@ -110,3 +113,23 @@ def test_workers_keep_their_state_between_calls_without_restarting(blobs):
         state, _ = processor.run_parallel(*blobs, state, {"learning_rate": 0.01})
         assert processor.worker_pids == pids
     assert np.all(np.isfinite(state.buffer))
+
+
+@pytest.mark.slow
+def test_sigterm_unwinds_through_cleanup_and_exits_143():
+    script, workers = _start_training_script()
+    script.send_signal(signal.SIGTERM)
+    script.communicate(timeout=30)
+    assert script.returncode == 143
+    assert blocks_of(script.pid) == []
+    assert not [pid for pid in workers if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_sigterm_handler_is_restored_when_the_processor_closes(blobs):
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with ParallelBatchProcessor(MLP(sizes=(12, 4, 3)), num_processes=2, batch_size=20) as p:
+        p.process_batch(blobs[0][:20], blobs[1][:20], p.model.init_state(0),
+                        {"learning_rate": 0.1})
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
