@@ -56,3 +56,14 @@ class NonFiniteLossError(EngineError):
         super().__init__(f"{what} at step {step}. The state before this "
                          "step is kept in this exception's last_good_state. Lower the learning rate, "
                          "clip gradients (params['clip_norm']) or check the data for extreme values.")
+
+
+class InsufficientMemoryError(EngineError, MemoryError):
+    """The run cannot fit in the available memory; nothing was started."""
+
+    def __init__(self, needed_bytes, available_bytes, num_workers):
+        self.needed_bytes, self.available_bytes = needed_bytes, available_bytes
+        super().__init__(f"this run needs at least {needed_bytes / 2**30:.2f} GiB (shared state, "
+                         f"data and {num_workers} workers) but only {available_bytes / 2**30:.2f} "
+                         "GiB is available. Use fewer processes, a smaller model or data set, or "
+                         "free memory.")

@@ -5,7 +5,7 @@ import warnings
 
 import numpy as np
 
-from engine import signals
+from engine import memory, signals
 from engine import workspace as ws
 from engine import worker as ops
 from engine.errors import NonFiniteLossError
@@ -81,6 +81,7 @@ class ParallelBatchProcessor:
         self.micro_batch_size, self.max_restarts = micro_batch_size, max_restarts
         self._layout = self._work = self._data = self._executor = None
         self._pending_training_state = None
+        self._governor, self._micro_batch_changes = memory.MicroBatchGovernor(), []
         self._steps_since_average = 0
         self._returned_state = None
         self._rng = np.random.default_rng(self.seed)
@@ -119,6 +120,7 @@ class ParallelBatchProcessor:
             self._average_states()
         results = _collect(records, self._work.results[:, ws.PEAK_RSS])
         results["restarts"] = self._restarts_since(restarts_before)
+        results["micro_batch_changes"], self._micro_batch_changes = self._micro_batch_changes, []
         if not update_weights:
             results["predictions"] = self._data.predictions[:len(examples)].copy()
         return self._current_state(), results
@@ -146,6 +148,7 @@ class ParallelBatchProcessor:
                    if key not in ("peak_rss_bytes", "mean_loss")}
         results["peak_rss_bytes"] = self._work.results[:, ws.PEAK_RSS].astype(np.int64).tolist()
         results["restarts"] = self._restarts_since(restarts_before)
+        results["micro_batch_changes"], self._micro_batch_changes = self._micro_batch_changes, []
         if not update_weights:
             results["predictions"] = self._data.predictions[:rows].copy()
         if update_weights and self.sync == "states" and self._steps_since_average:
@@ -265,6 +268,8 @@ class ParallelBatchProcessor:
                                    optimizer_copies=1 if gradients else self.num_processes,
                                    optimizer_buffers=self.optimizer.num_buffers)
         shared = self.num_processes > 1
+        memory.check_fits(Workspace.nbytes(spec), self.num_processes if shared else 0,
+                          layout.size * 4)
         self._work = Workspace(spec, shared=shared, create=True)
         self._work.state_bounds[:] = partition(layout.size, self.num_processes)
         self._work.control[ws.SEED] = self.seed
@@ -292,6 +297,7 @@ class ParallelBatchProcessor:
             if data is not None:
                 data.close()  # workers still map it until they attach the new block; that is fine
             spec = DataArrays.make_spec(rows, feature_shape, self._num_outputs)
+            memory.check_fits(DataArrays.nbytes(spec), 0, 0)
             self._data = data = DataArrays(spec, shared=self.num_processes > 1, create=True)
             try:
                 self._executor.attach_data(data)
@@ -323,6 +329,7 @@ class ParallelBatchProcessor:
         work = self._work
         step = int(work.control[ws.STEP])
         self._set_shards(start, rows)
+        self._adjust_micro_batch(step, rows)
         work.control[ws.LEARNING_RATE] = learning_rate
         began = time.perf_counter()
         if self.sync == "gradients":
@@ -352,6 +359,15 @@ class ParallelBatchProcessor:
         work.control[ws.STEP] = step + 1
         return _record(loss, rows, work.results[:, ws.COMPUTE_S].max(), began, computed,
                        time.perf_counter(), grad_norm)
+
+    def _adjust_micro_batch(self, step, rows):
+        """Under memory pressure, halve the workers' micro-batch (the maths stays the same)."""
+        control = self._work.control
+        current = int(control[ws.MICRO_BATCH])
+        chosen = self._governor.adjust(time.monotonic(), current, -(-rows // self.num_processes))
+        if chosen != current:
+            control[ws.MICRO_BATCH] = chosen
+            self._micro_batch_changes.append({"step": step, "micro_batch_size": chosen})
 
     def _run(self, op, step=None):
         """Run one operation on every worker; any failure releases the pool and shared memory

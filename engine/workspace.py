@@ -57,6 +57,11 @@ class _Arrays:
             setattr(self, name, array)
         self._names = list(offsets)
 
+    @classmethod
+    def nbytes(cls, spec):
+        """Bytes a block with this spec takes."""
+        return _plan(cls._fields(spec))[1]
+
     def close(self):
         for name in self._names:
             setattr(self, name, None)
