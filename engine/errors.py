@@ -47,13 +47,11 @@ class WorkerTimeoutError(EngineError):
 class NonFiniteLossError(EngineError):
     """The loss became NaN or infinite; ``last_good_state`` is the state before that step."""
 
-    def __init__(self, step, loss, last_good_state, gradients=False):
+    def __init__(self, step, loss, last_good_state, what="the loss is"):
         self.step = step
         self.loss = loss
         self.last_good_state = last_good_state
-        what = f"the gradients are not finite (loss={loss})" if gradients else \
-            f"the loss is not finite (loss={loss})"
-        super().__init__(f"{what} at step {step}. The state before this "
+        super().__init__(f"{what} not finite at step {step} (loss={loss}). The state before this "
                          "step is kept in this exception's last_good_state. Lower the learning rate, "
                          "clip gradients (params['clip_norm']) or check the data for extreme values.")
 

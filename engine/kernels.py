@@ -85,23 +85,30 @@ def sgd_into(params_out, velocity_out, params, velocity, grads, start, stop, lea
     """SGD step on [start, stop): reads params/velocity, writes params_out/velocity_out.
 
     velocity = momentum * velocity - lr * g;  params += velocity  (Nesterov: momentum*velocity - lr*g).
-    The outputs may be the inputs (in place) or other buffers (so a step can be re-run).
+    The outputs may be the inputs (in place) or other buffers (so a step can be re-run). Returns
+    0.0 when every new parameter is finite, NaN otherwise.
     """
     lr = np.float32(learning_rate)
     mu = np.float32(momentum)
     s = np.float32(scale)
+    non_finite = np.float32(0.0)
     if momentum == 0.0:
         for j in range(start, stop):
-            params_out[j] = params[j] - lr * (s * grads[j])
+            p = params[j] - lr * (s * grads[j])
+            params_out[j] = p
+            non_finite += p - p  # NaN for NaN and +-inf, 0 otherwise
     else:
         for j in range(start, stop):
             g = s * grads[j]
             v = mu * velocity[j] - lr * g
             velocity_out[j] = v
             if nesterov:
-                params_out[j] = params[j] + (mu * v - lr * g)
+                p = params[j] + (mu * v - lr * g)
             else:
-                params_out[j] = params[j] + v
+                p = params[j] + v
+            params_out[j] = p
+            non_finite += p - p
+    return non_finite
 
 
 def sgd_ref(params, velocity, grads, learning_rate, momentum, nesterov, scale):
@@ -120,7 +127,8 @@ def adam_into(params_out, m_out, v_out, params, m, v, grads, start, stop, learni
     """Adam (weight_decay=0) or AdamW (decoupled weight decay) step on [start, stop).
 
     Reads params/m/v, writes params_out/m_out/v_out (which may be the same arrays). ``step`` is the
-    1-based update count used for bias correction.
+    1-based update count used for bias correction. Returns 0.0 when every new parameter is finite,
+    NaN otherwise.
     """
     b1 = np.float32(beta1)
     b2 = np.float32(beta2)
@@ -133,6 +141,7 @@ def adam_into(params_out, m_out, v_out, params, m, v, grads, start, stop, learni
     eps_t = np.float32(epsilon * correction2)
     decay = np.float32(1.0 - learning_rate * weight_decay)
     s = np.float32(scale)
+    non_finite = np.float32(0.0)
     for j in range(start, stop):
         g = s * grads[j]
         mj = b1 * m[j] + one_minus_b1 * g
@@ -142,7 +151,10 @@ def adam_into(params_out, m_out, v_out, params, m, v, grads, start, stop, learni
         p = params[j]
         if weight_decay != 0.0:
             p = p * decay
-        params_out[j] = p - lr_t * mj / (np.sqrt(vj) + eps_t)
+        p = p - lr_t * mj / (np.sqrt(vj) + eps_t)
+        params_out[j] = p
+        non_finite += p - p
+    return non_finite
 
 
 def adam_ref(params, m, v, grads, learning_rate, beta1, beta2, epsilon, step, weight_decay, scale):

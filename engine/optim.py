@@ -7,7 +7,9 @@ the shared parameters and keeps only that slice of optimizer state.
 
 ``update_into(params_out, buffers_out, params, buffers, grads, ...)`` reads one copy of the
 parameters and optimizer state and writes another (or the same, for an in-place update): with two
-copies, an update interrupted by a dying worker can simply be run again.
+copies, an update interrupted by a dying worker can simply be run again. It returns 0.0 when every
+new parameter is finite and NaN otherwise, so a diverging step is refused before it becomes the
+state.
 """
 from dataclasses import dataclass
 
@@ -34,8 +36,8 @@ class SGD:
     def update_into(self, params_out, buffers_out, params, buffers, grads, start, stop,
                     learning_rate, step, scale):
         velocity_out, velocity = (buffers_out[0], buffers[0]) if self.num_buffers else (grads, grads)
-        kernels.sgd_into(params_out, velocity_out, params, velocity, grads, start, stop,
-                         learning_rate, self.momentum, self.nesterov, scale)
+        return kernels.sgd_into(params_out, velocity_out, params, velocity, grads, start, stop,
+                                learning_rate, self.momentum, self.nesterov, scale)
 
 
 @dataclass(frozen=True)
@@ -60,9 +62,9 @@ class Adam:
 
     def update_into(self, params_out, buffers_out, params, buffers, grads, start, stop,
                     learning_rate, step, scale):
-        kernels.adam_into(params_out, buffers_out[0], buffers_out[1], params, buffers[0], buffers[1],
-                          grads, start, stop, learning_rate, self.beta1, self.beta2, self.epsilon,
-                          step, self.weight_decay, scale)
+        return kernels.adam_into(params_out, buffers_out[0], buffers_out[1], params, buffers[0],
+                                 buffers[1], grads, start, stop, learning_rate, self.beta1,
+                                 self.beta2, self.epsilon, step, self.weight_decay, scale)
 
 
 def AdamW(weight_decay=0.01, **options):

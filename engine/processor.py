@@ -346,12 +346,14 @@ class ParallelBatchProcessor:
                 grad_norm = float(np.sqrt(work.results[:, ws.SUM_SQUARES].sum()))
                 work.control[ws.SCALE] = clip_scale(grad_norm, clip_norm)
                 self._run(ops.UPDATE, step)
+            self._check_new_parameters(step, loss)
             work.flip()
         else:
             self._run(ops.LOCAL_STEP, step)
             work.control[ws.REFRESH] = 0.0
             computed = time.perf_counter()
             loss = self._checked_loss(step, rows, check_gradients=False)
+            self._check_new_parameters(step, loss)
             grad_norm = float("nan")
             self._steps_since_average += 1
             if self._steps_since_average >= self.update_interval:
@@ -394,6 +396,16 @@ class ParallelBatchProcessor:
         loss = float(np.dot(results[:, ws.COUNT], results[:, ws.LOSS]) / rows)
         return _record(loss, rows, results[:, ws.COMPUTE_S].max(), began, ended, ended, float("nan"))
 
+    def _check_new_parameters(self, step, loss):
+        """Refuse an update that made parameters non-finite (a learning rate far too large).
+
+        In gradients mode the update went into the next version of the state, so the current one
+        is still the last good state; in states mode ``params`` holds the last average.
+        """
+        if not np.all(self._work.results[:, ws.NON_FINITE] == 0.0):
+            last_good = NetworkState.from_buffer(self._layout, self._work.params.copy())
+            raise NonFiniteLossError(step, loss, last_good, what="the updated parameters are")
+
     def _checked_loss(self, step, rows, check_gradients):
         results = self._work.results
         loss = float(np.dot(results[:, ws.COUNT], results[:, ws.LOSS]) / rows)
@@ -401,7 +413,8 @@ class ParallelBatchProcessor:
         if not (np.isfinite(loss) and gradients_finite):
             # The shared params are untouched by this step (states mode: the last average).
             last_good = NetworkState.from_buffer(self._layout, self._work.params.copy())
-            raise NonFiniteLossError(step, loss, last_good, gradients=np.isfinite(loss))
+            raise NonFiniteLossError(step, loss, last_good,
+                                     what="the gradients are" if np.isfinite(loss) else "the loss is")
         return loss
 
 

@@ -134,14 +134,16 @@ class WorkerCore:
         work, control = self.work, self.work.control
         start, stop = self.weight_slice
         middle = (start + stop) // 2 if self.faults else stop
+        non_finite = 0
         for low, high in ((start, middle), (middle, stop)):
             if high > low:
-                self.optimizer.update_into(work.next_params, work.next_optimizer[0], work.params,
-                                           work.optimizer[0], work.reduced, low, high,
-                                           control[ws.LEARNING_RATE], control[ws.STEP] + 1,
-                                           control[ws.SCALE])
+                non_finite += self.optimizer.update_into(
+                    work.next_params, work.next_optimizer[0], work.params, work.optimizer[0],
+                    work.reduced, low, high, control[ws.LEARNING_RATE], control[ws.STEP] + 1,
+                    control[ws.SCALE])
             if low == start:
                 self._strike("update_mid")
+        work.results[self.worker_id, ws.NON_FINITE] = non_finite
         start, stop = self.theta_slice
         work.next_params[start:stop] = work.reduced[start:stop]
 
@@ -162,13 +164,13 @@ class WorkerCore:
             state.buffer[:] = work.params
         start, stop = self._shard()
         if stop == start:
-            results[ws.LOSS] = results[ws.COUNT] = 0.0
+            results[ws.LOSS] = results[ws.COUNT] = results[ws.NON_FINITE] = 0.0
             return
         _, count = self._train_on_shard(state, self._local_grads, self._local_theta)
         own_optimizer = work.optimizer[self.worker_id]
-        self.optimizer.update_into(state.buffer, own_optimizer, state.buffer, own_optimizer,
-                                   self._local_flat, 0, self.num_weights,
-                                   control[ws.LEARNING_RATE], control[ws.STEP] + 1, 1.0)
+        results[ws.NON_FINITE] = self.optimizer.update_into(
+            state.buffer, own_optimizer, state.buffer, own_optimizer, self._local_flat, 0,
+            self.num_weights, control[ws.LEARNING_RATE], control[ws.STEP] + 1, 1.0)
         state.buffer[self.num_weights:] = self._local_flat[self.num_weights:]
         results[ws.SINCE_SYNC] += count
 

@@ -22,7 +22,7 @@ from engine.shm import SharedBlock
 LEARNING_RATE, STEP, SCALE, SEED, REFRESH, MICRO_BATCH, PARITY = range(7)
 NUM_CONTROL = 8
 # Per-worker result fields (float64 array ``results[i]``), written by worker i.
-LOSS, COUNT, COMPUTE_S, SUM_SQUARES, PEAK_RSS, SINCE_SYNC = range(6)
+LOSS, COUNT, COMPUTE_S, SUM_SQUARES, PEAK_RSS, SINCE_SYNC, NON_FINITE = range(7)
 NUM_RESULTS = 8
 
 

@@ -95,3 +95,15 @@ def test_adam_into_separate_outputs_leaves_its_inputs_intact_so_it_can_be_rerun(
     expected = kernels.adam_ref(params, m, v, grads, 1e-2, 0.9, 0.999, 1e-7, 3, 0.0, 1.0)
     for out, want in zip(outs, expected):
         np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-7)
+
+
+def test_updates_report_whether_every_new_parameter_is_finite():
+    params, grads = _random(64, 13), _random(64, 14)
+    out, m, v = np.empty_like(params), np.zeros(64, np.float32), np.zeros(64, np.float32)
+    assert kernels.sgd_into(out, m, params, m, grads, 0, 64, 0.1, 0.0, False, 1.0) == 0.0
+    assert np.isnan(kernels.sgd_into(out, m, params, m, grads, 0, 64, 1e300, 0.0, False, 1.0))
+    assert kernels.adam_into(out, m, v, params, m, v, grads, 0, 64, 0.1, 0.9, 0.999, 1e-7, 1, 0.0,
+                             1.0) == 0.0
+    grads[5] = np.inf
+    assert np.isnan(kernels.adam_into(out, m, v, params, m, v, grads, 0, 64, 0.1, 0.9, 0.999, 1e-7,
+                                      1, 0.0, 1.0))

@@ -167,3 +167,14 @@ def test_a_non_finite_loss_raises_with_the_step_and_keeps_the_last_good_state(bl
     good = caught.value.last_good_state
     assert isinstance(good, NetworkState) and np.all(np.isfinite(good.buffer))
     assert not np.array_equal(good.buffer, start.buffer)  # one good step was taken
+
+
+@pytest.mark.parametrize("sync", ["gradients", "states"])
+def test_an_update_that_overflows_the_parameters_is_refused_and_the_state_kept(blobs, sync):
+    model = MLP(sizes=(12, 8, 3))
+    start = model.init_state(0)
+    with ParallelBatchProcessor(model, num_processes=2, batch_size=100, sync=sync,
+                                optimizer="sgd") as processor:
+        with pytest.raises(NonFiniteLossError, match="updated parameters are not finite.*step 0"):
+            processor.process_batch(*blobs, start, {"learning_rate": 1e300})
+        np.testing.assert_array_equal(processor._current_state().buffer, start.buffer)
