@@ -152,11 +152,15 @@ class WorkerPool:
         ready = multiprocess.connection.wait([worker.answer, worker.process.sentinel],
                                              timeout=max(_STARTUP_TIMEOUT_S, self.timeout_s or 0))
         if worker.answer in ready:
-            status, payload = receive_message(worker.answer.fileno())
+            try:
+                status, payload = receive_message(worker.answer.fileno())
+            except EOFError:  # died before it could answer
+                status, payload = None, b""
             if status == FAILED:
                 raise WorkerError(worker_id, payload.decode(errors="replace"))
-            return
-        if not ready:
+            if status is not None:
+                return
+        elif not ready:
             worker.close(force=True)
             raise WorkerTimeoutError([worker_id], _STARTUP_TIMEOUT_S, "startup")
         worker.process.join(_JOIN_TIMEOUT_S)
@@ -172,20 +176,31 @@ class WorkerPool:
         return worker
 
     def _replace(self, worker_id, step, reason):
-        """Replace a dead (or hung: killed first) worker and give it the operation in flight."""
-        worker = self._retire(worker_id, force=True)
-        exitcode, tail = worker.process.exitcode, worker.stderr_tail()
-        self._budget_used += 1
-        self.restarts.append(dict(worker=worker_id, step=step, reason=reason, exitcode=exitcode,
-                                  stderr_tail=tail))
-        if self._budget_used > self.max_restarts:
-            if reason == "timeout":
-                raise WorkerTimeoutError([worker_id], self.timeout_s, step)
-            raise WorkerCrashedError(worker_id, exitcode, tail)
-        self._launch(worker_id, first=False)
-        self._await_ready(worker_id)
+        """Replace a dead (or hung: killed first) worker and give it the operation in flight.
+
+        A replacement that itself dies while starting is replaced again, within the budget.
+        """
+        while True:
+            worker = self._retire(worker_id, force=True)
+            exitcode, tail = worker.process.exitcode, worker.stderr_tail()
+            self._budget_used += 1
+            self.restarts.append(dict(worker=worker_id, step=step, reason=reason,
+                                      exitcode=exitcode, stderr_tail=tail))
+            if self._budget_used > self.max_restarts:
+                if reason == "timeout":
+                    raise WorkerTimeoutError([worker_id], self.timeout_s, step)
+                raise WorkerCrashedError(worker_id, exitcode, tail)
+            self._launch(worker_id, first=False)
+            try:
+                self._await_ready(worker_id)
+                break
+            except WorkerCrashedError:
+                reason = "died while starting"
         op, _, payload = self._current
-        send_message(self.workers[worker_id].command.fileno(), op, payload)
+        try:
+            send_message(self.workers[worker_id].command.fileno(), op, payload)
+        except BrokenPipeError:
+            pass  # died again at once: its sentinel is ready and the wait loop replaces it
 
     def reset_restart_budget(self):
         self._budget_used = 0

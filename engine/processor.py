@@ -5,7 +5,7 @@ import warnings
 
 import numpy as np
 
-from engine import memory, signals
+from engine import kernels, memory, signals
 from engine import workspace as ws
 from engine import worker as ops
 from engine.errors import NonFiniteLossError
@@ -278,6 +278,7 @@ class ParallelBatchProcessor:
             self._apply_training_state()
         self._layout, self._num_outputs = layout, num_outputs
         if shared:
+            kernels.warm_up()  # forked workers inherit compiled kernels
             self._holds_sigterm = signals.hold()
             self._executor = WorkerPool(
                 dict(model=self.model, layout=layout, optimizer=self.optimizer, sync=self.sync,
