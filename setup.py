@@ -19,9 +19,12 @@ setup(
         "scikit-learn>=1.3",
         "tqdm>=4.66",
         "mnist1d>=0.0.2",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "tf": ["tensorflow-cpu>=2.16"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "tensorboard>=2.14"],
+        "tensorboard": ["tensorboard>=2.14"],
     },
+    entry_points={"console_scripts": ["engine = engine.cli:main"]},
 )

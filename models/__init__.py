@@ -13,8 +13,9 @@ sent to every worker process) that has:
     Fresh float32 weights (and theta, if any); the same seed must give the same state.
 ``loss_and_grads(state, x, y, *, rng=None) -> (loss, grads)`` or ``(loss, grads, theta)``
     In training mode (dropout active, BatchNorm on batch statistics). ``x`` is float32 of shape
-    ``(n, *input_shape)``, ``y`` integer labels of shape ``(n,)``. ``loss`` is the MEAN softmax
-    cross-entropy over the n examples as a Python float; ``grads`` maps exactly the keys of
+    ``(n, *input_shape)``, ``y`` integer labels of shape ``(n,)``. ``loss`` is the MEAN over the
+    n examples of a per-example loss (softmax cross-entropy unless the model carries another, see
+    ``models.losses``) as a Python float; ``grads`` maps exactly the keys of
     ``state.weights`` to float32 arrays of the same shapes: the gradient of that mean. A model with
     theta (e.g. BatchNorm running statistics) also returns ``theta``: name -> values after this
     step. ``rng`` is an ``np.random.Generator`` for dropout (``np.random.default_rng()`` if None).
@@ -22,7 +23,7 @@ sent to every worker process) that has:
 ``predict(state, x) -> ndarray``
     Float32 class probabilities of shape ``(n, num_outputs)``, in inference mode.
 ``loss(state, x, y) -> float``
-    Mean cross-entropy in inference mode, for evaluation.
+    The same mean loss in inference mode, for evaluation.
 
 Because the loss is a mean, the gradients of shards of sizes n_i combine into the full-batch
 gradient when weighted by n_i / sum(n_i). ``NetworkState`` (``engine.state``) keeps weights and
@@ -31,7 +32,8 @@ Work in float32 (float32 arrays, ``np.float32`` scalars): one float64 operand si
 cost.
 
 The easy way to bring a model is ``Sequential(layers, input_shape)`` over ``models.layers``; any
-other class works as long as it follows the protocol above.
+other class works as long as it follows the protocol above. ``model.with_loss(FocalLoss(gamma=2))``
+gives a copy of a Sequential model that trains with another loss (``models.losses``).
 
 Example:
     from models import get_model
@@ -42,11 +44,13 @@ Example:
 import inspect
 
 from models.cnn1d import CNN1D
+from models.losses import CrossEntropy, FocalLoss
 from models.mlp import MLP
 from models.sequential import Sequential
 from models.softmax_regression import SoftmaxRegression
 
-__all__ = ["Sequential", "SoftmaxRegression", "MLP", "CNN1D", "get_model", "available_models"]
+__all__ = ["Sequential", "SoftmaxRegression", "MLP", "CNN1D", "CrossEntropy", "FocalLoss",
+           "get_model", "available_models", "model_signature"]
 
 _REGISTRY = {"softmax_regression": SoftmaxRegression, "mlp": MLP, "cnn1d": CNN1D}
 
@@ -55,6 +59,14 @@ def available_models():
     """Registered model names -> ``"Class(signature): summary"`` describing their arguments."""
     return {name: f"{cls.__name__}{inspect.signature(cls)}: {inspect.getdoc(cls).splitlines()[0]}"
             for name, cls in _REGISTRY.items()}
+
+
+def model_signature(name):
+    """The ``inspect.Signature`` of a registered model's constructor (its arguments and defaults)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model name {name!r}. Known names: {sorted(_REGISTRY)}. "
+                         "See models.available_models() for their arguments.")
+    return inspect.signature(_REGISTRY[name])
 
 
 def get_model(name, **kwargs):

@@ -1,4 +1,5 @@
 """Sequential: a stack of layers that implements the model protocol (see ``models/__init__.py``)."""
+import copy
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ _EVAL_CHUNK = 8192
 
 
 class Sequential:
-    """A stack of layers ending in logits, trained with mean softmax cross-entropy.
+    """A stack of layers ending in logits, trained with mean softmax cross-entropy (or ``loss_fn``).
 
     Parameters are named ``"{kind}_{index}/{local name}"`` with the layer's position in ``layers``:
     ``"dense_0/kernel"``, ``"batchnorm_1/gamma"``; theta likewise (``"batchnorm_1/running_mean"``).
@@ -21,12 +22,16 @@ class Sequential:
     Args:
         layers: list of ``Layer`` instances; the last one must output (n, num_outputs) logits.
         input_shape: shape of one example, without the batch axis.
+        loss_fn: None (softmax cross-entropy) or a loss from ``models.losses`` (focal loss, label
+            smoothing, class weights); :meth:`with_loss` sets it on a copy of any Sequential model.
 
     Raises:
         ValueError: if a layer does not fit the shape its predecessor produces.
     """
 
-    def __init__(self, layers, input_shape):
+    loss_fn = None  # a class default, so models pickled before loss_fn existed still load
+
+    def __init__(self, layers, input_shape, *, loss_fn=None):
         layers = list(layers)
         if not layers or not all(isinstance(layer, Layer) for layer in layers):
             raise ValueError(f"layers must be a non-empty list of models.layers.Layer instances. "
@@ -39,6 +44,7 @@ class Sequential:
                              f"axis). Received: input_shape={input_shape!r}.")
         self.layers = layers
         self.input_shape = tuple(int(d) for d in input_shape)
+        self.loss_fn = _check_loss_fn(loss_fn)
         self.weight_shapes, self.theta_shapes = {}, {}
         # Per layer: (input shape, [(local name, full name)] of weights, same of theta).
         self._plan = []
@@ -63,6 +69,17 @@ class Sequential:
         # Layers before the first one with weights need no input gradient: backward stops there.
         self._first_trainable = next((i for i, (_, w, _) in enumerate(self._plan) if w), len(layers))
         self._uses_rng = any(layer.uses_rng for layer in layers)
+
+    def with_loss(self, loss_fn):
+        """A copy of this model (same layers) that trains and evaluates with ``loss_fn``.
+
+        Args:
+            loss_fn: an object with ``value_and_grad(logits, labels) -> (mean loss, dlogits)``,
+                such as ``models.losses.FocalLoss(gamma=2.0)``, or None for cross-entropy.
+        """
+        model = copy.copy(self)
+        model.loss_fn = _check_loss_fn(loss_fn)
+        return model
 
     @property
     def num_weights(self):
@@ -106,12 +123,13 @@ class Sequential:
         return np.concatenate(chunks) if chunks else np.empty((0, self.num_outputs), np.float32)
 
     def loss(self, state, x, y):
-        """Mean cross-entropy in inference mode (no dropout, BatchNorm running statistics)."""
+        """Mean loss (cross-entropy or ``loss_fn``) in inference mode (no dropout, BatchNorm
+        running statistics)."""
         x, y = self._check_batch(x, y)
         total = 0.0
         for i in range(0, len(x), _EVAL_CHUNK):
             logits = self.logits(state.weights, state.theta, x[i:i + _EVAL_CHUNK])
-            total += softmax_cross_entropy(logits, y[i:i + _EVAL_CHUNK])[0] * len(logits)
+            total += self._value_and_grad(logits, y[i:i + _EVAL_CHUNK])[0] * len(logits)
         return total / len(x)
 
     def logits(self, weights, theta, x, *, training=False, rng=None):
@@ -126,7 +144,7 @@ class Sequential:
         if rng is None and self._uses_rng:
             rng = np.random.default_rng()
         logits, caches = self._forward(weights, theta, x, training=True, rng=rng)
-        loss, gradient = softmax_cross_entropy(logits, y)
+        loss, gradient = self._value_and_grad(logits, y)
         grads, new_theta = {}, {}
         for index in reversed(range(self._first_trainable, len(self.layers))):
             layer, (_, weight_names, theta_names) = self.layers[index], self._plan[index]
@@ -140,6 +158,11 @@ class Sequential:
                     {local: theta[full] for local, full in theta_names}, caches[index])
                 new_theta.update({full: updated[local] for local, full in theta_names})
         return loss, {name: grads[name] for name in self.weight_shapes}, new_theta
+
+    def _value_and_grad(self, logits, y):
+        if self.loss_fn is None:
+            return softmax_cross_entropy(logits, y)
+        return self.loss_fn.value_and_grad(logits, y)
 
     def _forward(self, weights, theta, x, *, training, rng):
         caches = []
@@ -168,4 +191,12 @@ class Sequential:
         return x, y
 
     def __repr__(self):
-        return f"Sequential({self.layers!r}, input_shape={self.input_shape!r})"
+        loss = "" if self.loss_fn is None else f", loss_fn={self.loss_fn!r}"
+        return f"Sequential({self.layers!r}, input_shape={self.input_shape!r}{loss})"
+
+
+def _check_loss_fn(loss_fn):
+    if loss_fn is not None and not callable(getattr(loss_fn, "value_and_grad", None)):
+        raise TypeError(f"loss_fn must be None or have value_and_grad(logits, labels) -> (loss, "
+                        f"dlogits), e.g. models.losses.FocalLoss(). Received: {loss_fn!r}.")
+    return loss_fn

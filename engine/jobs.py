@@ -1,0 +1,275 @@
+"""What the ``train``, ``evaluate`` and ``info`` commands do, callable without the command line.
+
+    results = run_train({**DEFAULTS, "data": "my_data/", "epochs": 20, "output_dir": "runs/a"})
+    results = run_evaluate("runs/a/model.h5")
+
+Splits are reproducible: the test split (when the data has none of its own) and then the
+validation split are drawn stratified by class from the run's seed, so ``evaluate`` finds the
+same test examples from the configuration stored in the checkpoint.
+"""
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.checkpoint import load_checkpoint
+from engine.config import (build_callbacks, build_loss, build_model, build_schedule,
+                           default_output_dir, to_json)
+from engine.datasets import (DataError, Dataset, Standardizer, Subset, check_every_class,
+                             check_features, check_labels, load_dataset, stratified_split)
+from engine.reports import write_report
+from engine.system import available_memory_bytes, usable_cores
+from engine.trainer import Trainer, evaluate
+
+__all__ = ["prepare_data", "run_train", "run_evaluate", "system_info"]
+
+MNIST1D = "MNIST-1D (bundled)"
+
+
+@dataclass
+class PreparedData:
+    """The splits of a run. ``x_*`` are Subsets (or arrays), ``y_*`` int64 labels."""
+
+    x_train: object
+    y_train: np.ndarray
+    x_val: object
+    y_val: np.ndarray
+    x_test: object
+    y_test: np.ndarray
+    source: str
+    num_classes: int
+    feature_shape: tuple
+    class_names: list = None
+
+
+def _load(config):
+    if config["data"] is None:
+        from engine.data import load_mnist1d
+        x, y, x_test, y_test = load_mnist1d()
+        return Dataset(x, y, MNIST1D, x_test, y_test, None, MNIST1D, MNIST1D + " test")
+    return load_dataset(config["data"], x_key=config["x_key"], y_key=config["y_key"])
+
+
+def prepare_data(config, *, check_training=True):
+    """Load the configured data, check it, and split it into train / validation / test.
+
+    Raises DataError (a ValueError) or FileNotFoundError naming the file and the problem.
+    """
+    data = _load(config)
+    check_features(data.x, data.source, num_labels=len(data.y))
+    labels = [data.y] + ([data.y_test] if data.y_test is not None else [])
+    num_classes = int(config["model_args"].get("num_classes") or
+                      1 + max(int(y.max()) for y in labels if len(y)))
+    if num_classes < 2:
+        raise DataError(f"{data.labels_source or data.source}: all labels are 0; a classifier "
+                        "needs at least 2 classes.")
+    check_labels(data.y, num_classes, data.labels_source or data.source)
+    if data.x_test is not None:
+        x_test, y_test = data.x_test, data.y_test
+        check_features(x_test, data.test_source, num_labels=len(y_test))
+        check_labels(y_test, num_classes, data.test_source)
+        rest = np.arange(len(data.y))
+    else:
+        if not 0 < config["test_split"] < 1:
+            raise ValueError(f"{data.source} has no test split of its own, so test_split must be "
+                             f"in (0, 1). Received: {config['test_split']!r}.")
+        rest, held = stratified_split(data.y, config["test_split"], config["seed"], data.source)
+        x_test, y_test = Subset(data.x, held, data.source + " (test split)"), data.y[held]
+    if not 0 <= config["val_split"] < 1:
+        raise ValueError(f"val_split must be in [0, 1). Received: {config['val_split']!r}.")
+    kept, held = stratified_split(data.y[rest], config["val_split"], config["seed"], data.source)
+    train, val = rest[kept], rest[held]
+    x_train = Subset(data.x, train, data.source)
+    x_val = Subset(data.x, val, data.source + " (validation split)") if len(val) else None
+    if check_training:
+        check_every_class(data.y[train], num_classes, data.source)
+    return PreparedData(x_train, data.y[train], x_val, data.y[val] if len(val) else None, x_test,
+                        y_test, data.source, num_classes, tuple(data.x.shape[1:]),
+                        data.class_names)
+
+
+def run_train(config, *, out=None):
+    """Train as ``config`` says (see engine.config.DEFAULTS) and write the results folder.
+
+    Returns the metrics written to results.json.
+    """
+    out = out or sys.stdout
+    config = dict(config)
+    config["output_dir"] = output_dir = config["output_dir"] or default_output_dir(config)
+    if config["resume"]:
+        done = load_checkpoint(config["resume"]).trainer.get("epoch", 0)
+        if done >= config["epochs"]:
+            raise ValueError(f"{config['resume']} has already trained {done} epochs: pass --epochs "
+                             f"above {done} to continue, or use 'engine evaluate' to report on it.")
+    data = prepare_data(config)
+    model, model_args = build_model(config["model"], config["model_args"], data.feature_shape,
+                                    data.num_classes)
+    trainer = Trainer(
+        model, batch_size=config["batch_size"], num_processes=config["workers"],
+        sync=config["sync"], update_interval=config["update_interval"],
+        optimizer=config["optimizer"], learning_rate=config["lr"],
+        schedule=build_schedule(config), loss=build_loss(config), clip_norm=config["clip_norm"],
+        grad_accum=config["grad_accum"], callbacks=build_callbacks(config, output_dir),
+        output_dir=output_dir, seed=config["seed"], standardize=config["standardize"],
+        verbose=config["progress"],
+        metadata={"config": to_json(config), "model_name": config["model"],
+                  "model_args": to_json(model_args)})
+    os.makedirs(output_dir, exist_ok=True)
+    resolved = {"model_args": model_args, "num_classes": data.num_classes,
+                "feature_shape": data.feature_shape, "data_source": data.source,
+                "examples": {"train": len(data.y_train), "validation": _count(data.y_val),
+                             "test": len(data.y_test)},
+                "num_processes": trainer.processor_options["num_processes"] or usable_cores()}
+    with open(os.path.join(output_dir, "config.json"), "w") as f:
+        json.dump(to_json({**config, "resolved": resolved}), f, indent=2)
+    state_size = model.init_state(config["seed"]).num_params
+    print(f"data: {data.source}: {len(data.y_train)} train / {_count(data.y_val)} validation / "
+          f"{len(data.y_test)} test examples of shape {data.feature_shape}, {data.num_classes} "
+          f"classes", file=out)
+    print(f"model: {config['model']} {model_args} ({state_size:,} parameters); "
+          f"{resolved['num_processes']} processes, batch {config['batch_size']}"
+          f"{' x ' + str(config['grad_accum']) if config['grad_accum'] > 1 else ''}, "
+          f"{config['optimizer']} lr {config['lr']} ({config['schedule']}), "
+          f"{config['epochs']} epochs", file=out, flush=True)
+    history = trainer.fit(data.x_train, data.y_train, epochs=config["epochs"],
+                          validation_data=None if data.x_val is None else (data.x_val, data.y_val),
+                          resume=config["resume"], check_data=False)  # prepare_data checked it
+    test = trainer.evaluate(data.x_test, data.y_test)
+    extra = {"split": "test", "loss": test["loss"], "checkpoint": "model.h5",
+             "data": data.source, "model": config["model"], "epochs_trained": history.epoch[-1]
+             if history.epoch else 0}
+    results = write_report(output_dir, data.y_test, test["probabilities"], history=history,
+                           class_names=data.class_names, extra=extra)
+    best = max(history.history.get("val_accuracy", [float("nan")]))
+    print(f"trained {len(history.epoch) and history.epoch[-1]} epochs in "
+          f"{sum(history.history.get('epoch_s', [])):.1f} s; best validation accuracy {best:.4f}",
+          file=out)
+    print(f"test accuracy {results['accuracy']:.4f} (loss {test['loss']:.4f}) on "
+          f"{len(data.y_test)} examples", file=out)
+    print(f"results in {os.path.abspath(output_dir)}: {', '.join(sorted(os.listdir(output_dir)))}",
+          file=out)
+    return results
+
+
+def run_evaluate(checkpoint_path, *, data=None, split="test", output_dir=None, workers=None,
+                 out=None):
+    """Evaluate a checkpoint written by ``train`` and write the report into ``output_dir``.
+
+    ``data`` defaults to the run's own data; ``split`` is "test" (the run's test split), "val",
+    "train" or "all" (every example of ``data``).
+    """
+    out = out or sys.stdout
+    checkpoint = load_checkpoint(checkpoint_path)
+    metadata = checkpoint.metadata
+    if "config" not in metadata or "model_name" not in metadata:
+        raise ValueError(f"{checkpoint_path!r} has no run configuration: evaluate needs a "
+                         "checkpoint written by 'engine train' (model.h5 or checkpoints/*.h5).")
+    if split not in ("test", "val", "train", "all"):
+        raise ValueError(f"split must be test, val, train or all. Received: {split!r}.")
+    config = dict(metadata["config"])
+    if data is not None:
+        config["data"] = data
+    from models import get_model
+    from models.losses import loss_from_config
+    model = get_model(metadata["model_name"], **{key: tuple(v) if isinstance(v, list) else v
+                                                 for key, v in metadata["model_args"].items()})
+    if metadata.get("loss"):
+        model = model.with_loss(loss_from_config(metadata["loss"]))
+    if split == "all":  # every example of the file: no split to re-derive
+        whole = _load(config)
+        x, y, source, class_names = whole.x, whole.y, whole.source, whole.class_names
+    else:
+        try:
+            prepared = prepare_data(config, check_training=False)
+        except DataError as error:
+            if data is None:
+                raise
+            raise DataError(f"{error} To evaluate every example of {data}, use --split all.") \
+                from None
+        x, y = {"test": (prepared.x_test, prepared.y_test), "val": (prepared.x_val,
+                prepared.y_val), "train": (prepared.x_train, prepared.y_train)}[split]
+        source, class_names = prepared.source, prepared.class_names
+    if x is None:
+        raise ValueError(f"the run has no {split} split (val_split was 0).")
+    result = evaluate(model, checkpoint.state, x, y, num_processes=workers,
+                      standardizer=Standardizer.from_arrays(checkpoint.arrays))
+    if output_dir is None:
+        folder = os.path.dirname(os.path.abspath(checkpoint_path))
+        run = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+        output_dir = os.path.join(run, "evaluation")
+    history = checkpoint.trainer.get("history") or None
+    results = write_report(output_dir, y, result["probabilities"], history=history,
+                           class_names=class_names, title=split,
+                           extra={"split": split, "loss": result["loss"], "data": source,
+                                  "checkpoint": os.path.abspath(checkpoint_path),
+                                  "model": metadata["model_name"]})
+    print(f"{split} accuracy {results['accuracy']:.4f} (loss {result['loss']:.4f}) on {len(y)} "
+          f"examples of {source}", file=out)
+    print(f"report in {os.path.abspath(output_dir)}", file=out)
+    return results
+
+
+def _count(labels):
+    return 0 if labels is None else len(labels)
+
+
+def system_info(*, probe_tensorflow=True):
+    """Cores, memory, library versions, and GPUs seen (nvidia-smi; TensorFlow in a subprocess)."""
+    from importlib import metadata
+    versions = {}
+    for package in ("numpy", "numba", "scikit-learn", "h5py", "matplotlib", "tensorflow",
+                    "tensorflow-cpu", "tensorboard"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    tensorflow = versions.pop("tensorflow") or versions.pop("tensorflow-cpu")
+    versions.pop("tensorflow-cpu", None)
+    info = {"python": platform.python_version(), "platform": platform.platform(),
+            "usable_cores": usable_cores(), "cpu_count": os.cpu_count(),
+            "memory_total_bytes": _total_memory(),
+            "memory_available_bytes": available_memory_bytes(),
+            "versions": versions, "tensorflow": tensorflow, "gpus": _nvidia_gpus(),
+            "tensorflow_gpus": None}
+    try:
+        import numba
+        info["numba_threads"] = numba.config.NUMBA_NUM_THREADS
+    except ImportError:
+        info["numba_threads"] = None
+    if tensorflow and probe_tensorflow:
+        info["tensorflow_gpus"] = _tensorflow_gpus()
+    return info
+
+
+def _total_memory():
+    import psutil
+    return psutil.virtual_memory().total
+
+
+def _nvidia_gpus():
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in listing.stdout.splitlines() if line.startswith("GPU")]
+
+
+def _tensorflow_gpus():
+    """GPUs TensorFlow sees, asked in a child process: importing TensorFlow here would cost
+    seconds and hundreds of MB in this process (and in every worker forked from it)."""
+    code = ("import json, tensorflow as tf; print(json.dumps([d.name for d in "
+            "tf.config.list_physical_devices('GPU')]))")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    try:
+        child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               timeout=120, env=env)
+        return json.loads(child.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None

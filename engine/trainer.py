@@ -1,0 +1,412 @@
+"""Trainer: epochs of ``ParallelBatchProcessor.run_parallel`` with validation, learning-rate
+schedules, callbacks, checkpoints and exact resume; ``fit`` and ``evaluate`` are its functional
+forms.
+
+One epoch is one ``run_parallel`` pass over the training set (shuffled by the processor's seeded
+stream) at the schedule's rate for that epoch; validation is ``run_parallel`` with
+``update_weights=False``. The trainer adds no maths of its own: a loss other than cross-entropy is
+carried by the model (``Sequential.with_loss``), gradient accumulation is the processor's
+``micro_batch_size``, clipping its ``params["clip_norm"]``.
+
+Data larger than ``memory_limit_bytes`` (memory-mapped ``.npy``, HDF5) is streamed: each epoch
+visits a seeded permutation in segments that fit the limit, one ``run_parallel`` call per segment
+(a multiple of the global batch, so only the epoch's last batch is partial; ``sync="states"``
+averages at every segment end).
+"""
+import numbers
+import os
+import time
+import warnings
+
+import numpy as np
+
+from engine.callbacks import CSVLogger, ModelCheckpoint, ProgressBar
+from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.datasets import (Feed, Standardizer, Subset, as_labels, check_every_class,
+                             check_features, check_labels, describe, stratified_split)
+from engine.history import History, merge_results
+from engine.processor import ParallelBatchProcessor
+from engine.schedules import Schedule, make_schedule
+from engine.system import available_memory_bytes, usable_cores
+
+__all__ = ["Trainer", "fit", "evaluate", "make_loss"]
+
+TRAIN_ACCURACY_SAMPLE = 2000  # training examples re-evaluated after each epoch for "accuracy"
+
+
+class Trainer:
+    """Trains a model with a ParallelBatchProcessor, one ``run_parallel`` pass per epoch.
+
+    Args:
+        model: a model following the protocol in ``models``; ``num_outputs`` classes.
+        batch_size: examples per optimizer step (all processes together; times ``grad_accum``).
+        num_processes, sync, update_interval, optimizer, seed: as for ParallelBatchProcessor.
+        learning_rate: the base rate. schedule: "constant", "step", "warmup-cosine", "plateau"
+            (defaults of ``make_schedule``) or an ``engine.schedules.Schedule`` (its own rate).
+        loss: None or "cross_entropy", "focal", or a ``models.losses`` object; a
+            ``class_weight="balanced"`` in it is resolved from the training labels (scikit-learn).
+        clip_norm: clip each step's gradient to this global norm (None: no clipping).
+        grad_accum: K: one step per K x batch_size examples, run in micro-batches of batch_size.
+        callbacks: ``engine.callbacks`` objects. output_dir: if set, also write history.csv,
+            checkpoints/last.h5 (every epoch, for resume), checkpoints/best.h5 (best val_loss)
+            and, at the end, model.h5 (the trained state that ``fit`` returns) there.
+        standardize: scale features by training-split mean and std (kept in checkpoints).
+        verbose: show a progress bar. metadata: JSON dict stored in every checkpoint.
+        memory_limit_bytes: training data above this streams (default: 1/4 of available memory).
+    """
+
+    def __init__(self, model, *, batch_size=32, num_processes=None, sync="gradients",
+                 update_interval=1, optimizer="adam", learning_rate=1e-3, schedule="constant",
+                 loss=None, clip_norm=None, grad_accum=1, callbacks=(), output_dir=None, seed=0,
+                 standardize=False, verbose=True, metadata=None, memory_limit_bytes=None,
+                 start_method=None, timeout_s=None):
+        _check_positive_int(grad_accum, "grad_accum", "Use 1 for one step per batch.")
+        _check_positive_int(batch_size, "batch_size", "It is the global batch of one step.")
+        if clip_norm is not None and not (isinstance(clip_norm, numbers.Real) and clip_norm > 0):
+            raise ValueError(f"clip_norm must be a positive number or None. Received: "
+                             f"clip_norm={clip_norm!r}.")
+        if not isinstance(schedule, (str, Schedule)):
+            raise TypeError(f"schedule must be a name or an engine.schedules.Schedule. Received: "
+                            f"{schedule!r}.")
+        # The model and loss as given; fit() resolves class weights from its own training labels.
+        self._base_model, self._loss_spec = model, make_loss(loss)
+        self.model, self.loss = model, self._loss_spec
+        self.batch_size, self.grad_accum, self.clip_norm = batch_size, grad_accum, clip_norm
+        self.learning_rate, self.schedule = learning_rate, schedule
+        self.callbacks, self.output_dir = list(callbacks), output_dir
+        self.seed, self.standardize, self.verbose = seed, standardize, verbose
+        self.metadata = dict(metadata or {})
+        self.memory_limit_bytes = memory_limit_bytes or available_memory_bytes() // 4
+        processes = num_processes or usable_cores()
+        # Gradient accumulation IS the processor's micro-batching: a step over K x batch_size
+        # examples whose workers run chunks of one micro-batch's share (the gradients of chunks
+        # are averaged weighted by size, so it is one step on the K x batch_size batch).
+        micro = -(-batch_size // processes) if grad_accum > 1 else None
+        self.processor_options = dict(
+            num_processes=num_processes, batch_size=batch_size * grad_accum, sync=sync,
+            update_interval=update_interval, optimizer=optimizer, seed=seed,
+            micro_batch_size=micro, start_method=start_method, timeout_s=timeout_s)
+        self.state, self.history, self.standardizer = None, History(), None
+        self.stop_training, self.epochs, self.initial_epoch = False, 0, 0
+        self._processor = None
+
+    # -- public API ------------------------------------------------------------------------------
+    def fit(self, x, y, *, epochs, validation_data=None, validation_split=0.0, resume=None,
+            initial_state=None, check_data=True):
+        """Train for epochs ``initial_epoch + 1 .. epochs`` and return the History.
+
+        Args:
+            x, y: features (array, memory map, h5py dataset) and integer labels.
+            epochs: the last epoch to train (a resumed run continues up to it).
+            validation_data: ``(x_val, y_val)``; or validation_split: a fraction of (x, y) held
+                out, stratified by class and seeded.
+            resume: a checkpoint written by this trainer: restores weights, theta, optimizer
+                state, epoch, schedule, callback states, standardization and the RNG streams.
+            initial_state: start from this NetworkState instead of ``model.init_state(seed)``.
+            check_data: read the features once to check they are finite (skip it only for data
+                checked already: it is a full pass over a memory-mapped file).
+        Raises:
+            ValueError (DataError) for bad data or options, before any worker starts.
+        """
+        _check_positive_int(epochs, "epochs", "It is the number of the last epoch to train.")
+        self.epochs = epochs
+        x_train, y_train, x_val, y_val = self._prepare_data(x, y, validation_data,
+                                                            validation_split, check_data)
+        checkpoint = load_checkpoint(resume) if resume is not None else None
+        if checkpoint is not None and checkpoint.training_state is None:
+            raise ValueError(f"{resume!r} holds a state but no training progress; resume needs a "
+                             "checkpoint written by the trainer (ModelCheckpoint).")
+        self.standardizer = (Standardizer.from_arrays(checkpoint.arrays) if checkpoint else None) \
+            or (Standardizer.fit(x_train) if self.standardize else None)
+        self._schedule = self._make_schedule(epochs)
+        self.model = self._model_with_loss(y_train)
+        self._train = Feed(x_train, y_train, self.standardizer, self.memory_limit_bytes)
+        self._val = None if x_val is None else Feed(x_val, y_val, self.standardizer,
+                                                     self.memory_limit_bytes)
+        sample = np.random.default_rng(self.seed).permutation(len(y_train))
+        sample = np.sort(sample[:TRAIN_ACCURACY_SAMPLE])
+        self._train_sample = Feed(Subset(x_train, sample), y_train[sample], self.standardizer,
+                                   self.memory_limit_bytes)
+        self._stream_rng = np.random.default_rng([self.seed, 1])
+        callbacks = self._all_callbacks(x_val is not None)
+        self.state = initial_state.copy() if initial_state is not None else \
+            self.model.init_state(self.seed)
+        self.history, self.initial_epoch, self._epochs_done = History(), 0, 0
+        self._processor = ParallelBatchProcessor(self.model, **self.processor_options)
+        try:
+            if checkpoint is not None:
+                self._restore(checkpoint, callbacks, resume)
+            if self.initial_epoch >= epochs:
+                warnings.warn(f"{resume!r} has already trained {self.initial_epoch} epochs, so "
+                              f"epochs={epochs} leaves nothing to do. Pass a larger epochs to "
+                              "continue.", RuntimeWarning, stacklevel=2)
+            else:
+                self._loop(callbacks)
+                if self.output_dir is not None:
+                    self.save_checkpoint(os.path.join(self.output_dir, "model.h5"))
+        finally:
+            self._processor.close()
+        self.history.state, self.history.standardizer = self.state, self.standardizer
+        return self.history
+
+    def evaluate(self, x, y, state=None):
+        """``{"loss", "accuracy", "probabilities"}`` of ``state`` (default: the trained one)."""
+        return evaluate(self.model, self.state if state is None else state, x, y,
+                        standardizer=self.standardizer,
+                        num_processes=self.processor_options["num_processes"],
+                        batch_size=self.processor_options["batch_size"])
+
+    def save_checkpoint(self, path):
+        """Write a resumable checkpoint of the current epoch (atomic; see engine.checkpoint)."""
+        arrays = dict(self.standardizer.arrays()) if self.standardizer else {}
+        states = {}
+        for key, callback in self._callback_keys.items():
+            states[key] = callback.get_state()
+            arrays.update({f"{key}/{name}": a for name, a in callback.get_arrays().items()})
+        trainer = {"epoch": self._epochs_done, "history": self.history.to_dict(),
+                   "schedule": {"type": type(self._schedule).__name__,
+                                "state": self._schedule.get_state()},
+                   "callbacks": states, "stream_rng": self._stream_rng.bit_generator.state,
+                   "signature": self._signature()}
+        save_checkpoint(path, self.state, metadata=self._metadata(), arrays=arrays,
+                        training_state=self._processor.training_state(), trainer=trainer)
+
+    # -- setup -----------------------------------------------------------------------------------
+    def _prepare_data(self, x, y, validation_data, validation_split, check_data):
+        num_classes = int(self.model.num_outputs)
+        name = describe(x, "x")
+        y = as_labels(y, "y")
+        check_features(x, name, num_labels=len(y), finite=check_data)
+        check_labels(y, num_classes, f"labels of {name}")
+        x_val = y_val = None
+        if validation_data is not None:
+            x_val, y_val = validation_data
+            val_name = describe(x_val, "validation_data x")
+            y_val = as_labels(y_val, "validation_data y")
+            check_features(x_val, val_name, num_labels=len(y_val), finite=check_data)
+            check_labels(y_val, num_classes, f"labels of {val_name}")
+        elif validation_split:
+            if not 0 < validation_split < 1:
+                raise ValueError(f"validation_split must be in [0, 1). Received: "
+                                 f"validation_split={validation_split!r}.")
+            kept, held = stratified_split(y, validation_split, self.seed, name)
+            x, y, x_val, y_val = Subset(x, kept, name), y[kept], Subset(x, held, name), y[held]
+        check_every_class(y, num_classes, name)
+        return x, y.astype(np.int64, copy=False), x_val, y_val
+
+    def _model_with_loss(self, y_train):
+        loss = self._loss_spec
+        if loss is None:
+            return self._base_model
+        if loss.class_weight == "balanced":
+            from sklearn.utils.class_weight import compute_class_weight
+            classes = np.arange(self.model.num_outputs)
+            loss = loss.with_class_weight(compute_class_weight("balanced", classes=classes,
+                                                               y=y_train))
+        if not callable(getattr(self._base_model, "with_loss", None)):
+            raise TypeError(f"loss={loss!r} needs a model that can carry a loss (models.Sequential "
+                            f"and its subclasses); {type(self._base_model).__name__} computes its "
+                            "own.")
+        self.loss = loss
+        return self._base_model.with_loss(loss)
+
+    def _make_schedule(self, epochs):
+        if isinstance(self.schedule, Schedule):
+            return self.schedule
+        return make_schedule(self.schedule, self.learning_rate, epochs=epochs)
+
+    def _all_callbacks(self, validating):
+        callbacks = list(self.callbacks)
+        if self.output_dir is not None:
+            folder = os.path.join(self.output_dir, "checkpoints")
+            callbacks.append(CSVLogger(os.path.join(self.output_dir, "history.csv")))
+            callbacks.append(ModelCheckpoint(os.path.join(folder, "last.h5")))
+            if validating:
+                callbacks.append(ModelCheckpoint(os.path.join(folder, "best.h5"),
+                                                 monitor="val_loss", save_best_only=True))
+        if self.verbose:
+            callbacks.append(ProgressBar())
+        produced = {"loss", "accuracy", "learning_rate"} | (
+            {"val_loss", "val_accuracy"} if validating else set())
+        wanted = [(type(c).__name__, m) for c in callbacks for m in c.monitors]
+        wanted += [("ReduceLROnPlateau", self._schedule.monitor)] \
+            if hasattr(self._schedule, "monitor") else []
+        for owner, monitor in wanted:
+            if monitor not in produced:
+                raise ValueError(f"{owner} monitors {monitor!r}, which this run does not produce "
+                                 f"(it logs {sorted(produced)}). Give validation data for val_* "
+                                 "metrics, or monitor one of those.")
+        # Keys by class and occurrence, so adding another kind of callback on resume keeps the
+        # saved states matched to theirs.
+        self._callback_keys, seen = {}, {}
+        for callback in callbacks:
+            name = type(callback).__name__
+            seen[name] = seen.get(name, 0) + 1
+            self._callback_keys[f"{name}{seen[name]}"] = callback
+        for callback in callbacks:
+            callback.trainer = self
+        return callbacks
+
+    def _restore(self, checkpoint, callbacks, path):
+        self.state.check_matches(checkpoint.state, f"the state in {path!r}")
+        self.state = checkpoint.state
+        self._processor.load_training_state(checkpoint.training_state)
+        saved = checkpoint.trainer
+        self.initial_epoch = self._epochs_done = int(saved["epoch"])
+        self.history = History.from_dict(saved.get("history", {}))
+        differences = {k: (v, saved.get("signature", {}).get(k)) for k, v in
+                       self._signature().items() if saved.get("signature", {}).get(k) != v}
+        if differences:
+            warnings.warn(f"resuming {path!r} with different settings {differences} (now, "
+                          "saved): the run will not match an uninterrupted one.", RuntimeWarning,
+                          stacklevel=3)
+        schedule = saved.get("schedule", {})
+        if schedule.get("type") == type(self._schedule).__name__:
+            self._schedule.set_state(schedule.get("state", {}))
+        self._stream_rng.bit_generator.state = saved["stream_rng"]
+        for key, callback in self._callback_keys.items():
+            if key in saved.get("callbacks", {}):
+                callback.set_state(saved["callbacks"][key])
+                prefix = key + "/"
+                callback.set_arrays({name[len(prefix):]: array for name, array in
+                                     checkpoint.arrays.items() if name.startswith(prefix)})
+
+    def _signature(self):
+        options = self.processor_options
+        return {"batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                "num_processes": options["num_processes"] or usable_cores(),
+                "sync": options["sync"], "update_interval": options["update_interval"],
+                "optimizer": repr(self._processor.optimizer), "seed": self.seed,
+                "clip_norm": self.clip_norm, "loss": None if self.loss is None else
+                self.loss.get_config()}
+
+    def _metadata(self):
+        metadata = dict(self.metadata)
+        metadata.setdefault("model", {"class": f"{type(self.model).__module__}."
+                                               f"{type(self.model).__name__}",
+                                      "repr": repr(self.model)})
+        metadata["loss"] = None if self.loss is None else self.loss.get_config()
+        metadata["num_classes"] = int(self.model.num_outputs)
+        metadata["epoch"] = self._epochs_done
+        return metadata
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _loop(self, callbacks):
+        self.stop_training = False
+        for callback in callbacks:
+            callback.on_train_begin()
+        try:
+            for epoch in range(self.initial_epoch, self.epochs):
+                learning_rate = float(self._schedule(epoch))
+                for callback in callbacks:
+                    callback.on_epoch_begin(epoch, {"learning_rate": learning_rate})
+                began = time.perf_counter()
+                trained = self._train_epoch(learning_rate)
+                logs = {"loss": trained.pop("loss"),
+                        "accuracy": self._accuracy(self._train_sample)[1]}
+                if self._val is not None:
+                    logs["val_loss"], logs["val_accuracy"] = self._accuracy(self._val)
+                logs.update(trained)
+                logs["epoch_s"] = time.perf_counter() - began
+                self._schedule.update(epoch, logs)
+                self.history.append(epoch + 1, logs)
+                self._epochs_done = epoch + 1
+                for callback in callbacks:
+                    callback.on_epoch_end(epoch, logs)
+                for callback in callbacks:
+                    callback.on_epoch_commit(epoch, logs)
+                if self.stop_training:
+                    break
+        finally:
+            for callback in callbacks:
+                callback.on_train_end()
+
+    def _train_epoch(self, learning_rate):
+        params = {"learning_rate": learning_rate, "clip_norm": self.clip_norm}
+        feed, parts = self._train, []
+        if feed.in_memory:
+            self.state, results = self._processor.run_parallel(feed.x, feed.y, self.state, params)
+            parts.append(results)
+        else:
+            order = self._stream_rng.permutation(len(feed.y))
+            step_rows = self.processor_options["batch_size"]
+            for x, y in feed.segments(order, step_rows):
+                self.state, results = self._processor.run_parallel(x, y, self.state, params)
+                parts.append(results)
+        return merge_results(parts, learning_rate)
+
+    def _accuracy(self, feed):
+        loss, probabilities = _predict(self._processor, self.state, feed)
+        return loss, float(np.mean(probabilities.argmax(axis=1) == feed.y))
+
+
+def _predict(processor, state, feed):
+    """Mean loss and class probabilities of ``feed`` in inference mode, in input order."""
+    params = {"update_weights": False}
+    if feed.in_memory:
+        _, results = processor.run_parallel(feed.x, feed.y, state, params)
+        return results["mean_loss"], results["predictions"]
+    losses, predictions = [], []
+    for x, y in feed.segments(np.arange(len(feed.y)), processor.batch_size):
+        _, results = processor.run_parallel(x, y, state, params)
+        losses.append(results["mean_loss"] * len(y))
+        predictions.append(results["predictions"])
+    return sum(losses) / len(feed.y), np.concatenate(predictions)
+
+
+def make_loss(loss, *, label_smoothing=0.0, class_weight=None, gamma=2.0, alpha=1.0):
+    """A ``models.losses`` object (or None for plain cross-entropy) from a name or an object."""
+    from models.losses import CrossEntropy, FocalLoss
+    if loss is None or isinstance(loss, str) and loss in ("ce", "cross_entropy"):
+        if not label_smoothing and class_weight is None:
+            return None  # the models' own softmax cross-entropy: the same maths, less work
+        return CrossEntropy(label_smoothing=label_smoothing, class_weight=class_weight)
+    if isinstance(loss, str) and loss == "focal":
+        return FocalLoss(gamma=gamma, alpha=alpha, label_smoothing=label_smoothing,
+                         class_weight=class_weight)
+    if isinstance(loss, str):
+        raise ValueError(f"unknown loss {loss!r}. Use 'cross_entropy' ('ce'), 'focal', or a loss "
+                         "object from models.losses.")
+    if not callable(getattr(loss, "value_and_grad", None)):
+        raise TypeError(f"loss must be a name or have value_and_grad(logits, labels). Received: "
+                        f"{loss!r}.")
+    return loss
+
+
+def fit(model, x, y, *, epochs, validation_data=None, validation_split=0.0, resume=None,
+        initial_state=None, check_data=True, **options):
+    """Train ``model`` on ``(x, y)``; returns a :class:`History` whose ``state`` is the result.
+
+    Every keyword of :class:`Trainer` is accepted (``batch_size``, ``num_processes``, ``sync``,
+    ``update_interval``, ``optimizer``, ``learning_rate``, ``schedule``, ``loss``, ``clip_norm``,
+    ``grad_accum``, ``callbacks``, ``output_dir``, ``seed``, ``standardize``, ...); the others are
+    those of :meth:`Trainer.fit`.
+    """
+    trainer = Trainer(model, **options)
+    return trainer.fit(x, y, epochs=epochs, validation_data=validation_data,
+                       validation_split=validation_split, resume=resume,
+                       initial_state=initial_state, check_data=check_data)
+
+
+def evaluate(model, state, x, y, *, standardizer=None, batch_size=256, num_processes=None,
+             memory_limit_bytes=None):
+    """Mean loss, accuracy and class probabilities of ``state`` on ``(x, y)`` (inference mode).
+
+    Returns ``{"loss": float, "accuracy": float, "probabilities": (n, classes) array}``.
+    """
+    y = as_labels(y, "y")
+    check_features(x, describe(x, "x"), num_labels=len(y))
+    check_labels(y, int(model.num_outputs), f"labels of {describe(x, 'x')}")
+    processes = min(num_processes or usable_cores(), len(y))
+    feed = Feed(x, y, standardizer, memory_limit_bytes or available_memory_bytes() // 4)
+    with ParallelBatchProcessor(model, num_processes=processes,
+                                batch_size=max(processes, min(batch_size, len(y)))) as processor:
+        loss, probabilities = _predict(processor, state, feed)
+    accuracy = float(np.mean(probabilities.argmax(axis=1) == y))
+    return {"loss": float(loss), "accuracy": accuracy, "probabilities": probabilities}
+
+
+def _check_positive_int(value, name, hint):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int. Received: {name}={value!r}. {hint}")
+
