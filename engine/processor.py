@@ -105,7 +105,7 @@ class ParallelBatchProcessor:
         """
         learning_rate, update_weights, clip_norm = check_params(params)
         examples, labels = self._prepare(examples, labels, initial_state)
-        restarts_before = self._begin_call()
+        self._begin_call()
         order = self._rng.permutation(len(examples)) if update_weights else None
         self._load_data(examples, labels, order)
         self._load_state(initial_state)
@@ -119,7 +119,7 @@ class ParallelBatchProcessor:
         if update_weights and self.sync == "states" and self._steps_since_average:
             self._average_states()
         results = _collect(records, self._work.results[:, ws.PEAK_RSS])
-        results["restarts"] = self._restarts_since(restarts_before)
+        results["restarts"] = self._take_restarts()
         results["micro_batch_changes"], self._micro_batch_changes = self._micro_batch_changes, []
         if not update_weights:
             results["predictions"] = self._data.predictions[:len(examples)].copy()
@@ -135,7 +135,7 @@ class ParallelBatchProcessor:
         """
         learning_rate, update_weights, clip_norm = check_params(params)
         examples, labels = self._prepare(examples, labels, state)
-        restarts_before = self._begin_call()
+        self._begin_call()
         self._load_data(examples, labels, None)
         if state is not self._returned_state or self.sync == "gradients":
             self._load_state(state)
@@ -147,7 +147,7 @@ class ParallelBatchProcessor:
         results = {key: value[0] for key, value in _collect([record], []).items()
                    if key not in ("peak_rss_bytes", "mean_loss")}
         results["peak_rss_bytes"] = self._work.results[:, ws.PEAK_RSS].astype(np.int64).tolist()
-        results["restarts"] = self._restarts_since(restarts_before)
+        results["restarts"] = self._take_restarts()
         results["micro_batch_changes"], self._micro_batch_changes = self._micro_batch_changes, []
         if not update_weights:
             results["predictions"] = self._data.predictions[:rows].copy()
@@ -184,15 +184,15 @@ class ParallelBatchProcessor:
         self._work.control[ws.STEP] = saved["step"]
 
     def _begin_call(self):
-        """Each call gets max_restarts replacements; returns where its restart records begin."""
+        """Each call gets max_restarts replacements and reports its own restarts."""
         if isinstance(self._executor, WorkerPool):
             self._executor.reset_restart_budget()
-            return len(self._executor.restarts)
-        return 0
+            self._executor.restarts.clear()
 
-    def _restarts_since(self, first):
+    def _take_restarts(self):
         if isinstance(self._executor, WorkerPool):
-            return list(self._executor.restarts[first:])
+            restarts, self._executor.restarts = self._executor.restarts, []
+            return restarts
         return []
 
     def reset_optimizer(self):
