@@ -1,51 +1,61 @@
 """Numba kernels on flat float32 buffers, each with a NumPy reference twin (``*_ref``).
 
-Every kernel takes whole C-contiguous buffers plus a ``[start, stop)`` range and touches only that
-range: worker *i* calls it on its own slice, so N workers together cover the buffer once
-(a reduce-scatter) and no process repeats another's work. Passing whole buffers with integer bounds,
-rather than sliced views, keeps the arrays' layout known to numba so the inner loops vectorize.
+Every kernel takes whole buffers plus a ``[start, stop)`` range and touches only that range:
+worker *i* calls it on its own slice, so N workers together cover the buffer once (a
+reduce-scatter) and no process repeats another's work. Kernels write into their first argument(s)
+and end in ``_into``. Reduction order is fixed (slot 0, then 1, ...), so a run is bitwise
+reproducible for a given number of workers.
 
-Kernels write into their first argument(s) and end in ``_into``. Reduction order is fixed (slot 0,
-then 1, ...), so a run is bitwise reproducible for a given number of workers.
+Why they are written the way they are (each point measured; see docs/performance.md):
+* inner loops run over contiguous *slices* indexed from 0: with ``range(start, stop)`` numba keeps
+  a negative-index check that stops LLVM from vectorizing;
+* ``error_model="numpy"``: Python's ZeroDivisionError check on ``/`` is a branch that also stops
+  vectorization (a division by zero gives inf, as in NumPy);
+* ``fastmath={"reassoc", "contract"}`` only: lets the sums vectorize and use FMA, keeps NaN/inf
+  semantics (no ``nnan``/``ninf``), so the non-finite checks below still work;
+* a weighted mean works tile by tile (8 KiB tiles, in L1) so each slot is read once and the
+  output written once, whatever the number of slots.
 """
 import numpy as np
 from numba import njit
 
-# Columns reduced per tile: the float64 accumulator (32 KiB) stays in L1/L2 while N slots stream
-# through it, so each slot is read once and the output written once.
-_TILE = 4096
+_TILE = 2048
+_FAST = dict(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
 
 
-@njit(cache=True, nogil=True)
+@njit(**_FAST)
+def _sum_squares_1d(values):
+    total = 0.0
+    for j in range(values.size):
+        value = np.float64(values[j])
+        total += value * value
+    return total
+
+
+@njit(**_FAST)
+def _scale_into(out, source, coefficient):
+    for j in range(out.size):
+        out[j] = coefficient * source[j]
+
+
+@njit(**_FAST)
+def _add_scaled_into(out, source, coefficient):
+    for j in range(out.size):
+        out[j] += coefficient * source[j]
+
+
+@njit(**_FAST)
 def weighted_mean_into(out, slots, coefficients, start, stop, want_sum_squares):
     """out[start:stop] = sum_k coefficients[k] * slots[k, start:stop]; returns sum(out**2) or 0."""
-    accumulator = np.empty(_TILE, np.float64)
     total = 0.0
-    for tile_start in range(start, stop, _TILE):
-        width = min(_TILE, stop - tile_start)
-        c = coefficients[0]
-        for j in range(width):
-            accumulator[j] = c * slots[0, tile_start + j]
+    for tile in range(start, stop, _TILE):
+        end = min(stop, tile + _TILE)
+        target = out[tile:end]
+        _scale_into(target, slots[0, tile:end], np.float32(coefficients[0]))
         for k in range(1, slots.shape[0]):
-            c = coefficients[k]
-            for j in range(width):
-                accumulator[j] += c * slots[k, tile_start + j]
-        for j in range(width):
-            out[tile_start + j] = accumulator[j]
+            _add_scaled_into(target, slots[k, tile:end], np.float32(coefficients[k]))
         if want_sum_squares:
-            # Four independent partial sums break the add-latency chain of a single accumulator.
-            s0 = s1 = s2 = s3 = 0.0
-            j = 0
-            while j + 4 <= width:
-                s0 += accumulator[j] * accumulator[j]
-                s1 += accumulator[j + 1] * accumulator[j + 1]
-                s2 += accumulator[j + 2] * accumulator[j + 2]
-                s3 += accumulator[j + 3] * accumulator[j + 3]
-                j += 4
-            while j < width:
-                s0 += accumulator[j] * accumulator[j]
-                j += 1
-            total += (s0 + s1) + (s2 + s3)
+            total += _sum_squares_1d(target)
     return total
 
 
@@ -55,21 +65,9 @@ def weighted_mean_ref(slots, coefficients):
         np.float32)
 
 
-@njit(cache=True, nogil=True)
 def sum_squares(values, start, stop):
     """sum(values[start:stop]**2) in float64."""
-    s0 = s1 = s2 = s3 = 0.0
-    j = start
-    while j + 4 <= stop:
-        s0 += np.float64(values[j]) * values[j]
-        s1 += np.float64(values[j + 1]) * values[j + 1]
-        s2 += np.float64(values[j + 2]) * values[j + 2]
-        s3 += np.float64(values[j + 3]) * values[j + 3]
-        j += 4
-    while j < stop:
-        s0 += np.float64(values[j]) * values[j]
-        j += 1
-    return (s0 + s1) + (s2 + s3)
+    return _sum_squares_1d(values[start:stop])
 
 
 def clip_scale(global_norm, clip_norm):
@@ -79,36 +77,44 @@ def clip_scale(global_norm, clip_norm):
     return float(clip_norm / global_norm)
 
 
-@njit(cache=True, nogil=True)
+@njit(**_FAST)
+def _sgd_plain(params_out, params, grads, lr):
+    non_finite = np.float32(0.0)
+    for j in range(params_out.size):
+        p = params[j] - lr * grads[j]
+        params_out[j] = p
+        non_finite += p - p  # NaN for NaN and +-inf, 0 otherwise
+    return non_finite
+
+
+@njit(**_FAST)
+def _sgd_momentum(params_out, velocity_out, params, velocity, grads, lr, mu, nesterov):
+    non_finite = np.float32(0.0)
+    for j in range(params_out.size):
+        g = grads[j]
+        v = mu * velocity[j] - lr * g
+        velocity_out[j] = v
+        p = params[j] + (mu * v - lr * g if nesterov else v)
+        params_out[j] = p
+        non_finite += p - p
+    return non_finite
+
+
+@njit(**_FAST)
 def sgd_into(params_out, velocity_out, params, velocity, grads, start, stop, learning_rate,
              momentum, nesterov, scale):
     """SGD step on [start, stop): reads params/velocity, writes params_out/velocity_out.
 
-    velocity = momentum * velocity - lr * g;  params += velocity  (Nesterov: momentum*velocity - lr*g).
-    The outputs may be the inputs (in place) or other buffers (so a step can be re-run). Returns
-    0.0 when every new parameter is finite, NaN otherwise.
+    velocity = momentum * velocity - lr * g;  params += velocity  (Nesterov: momentum*velocity - lr*g)
+    with g = scale * grads. The outputs may be the inputs (in place) or other buffers (so a step
+    can be re-run). Returns 0.0 when every new parameter is finite, NaN otherwise.
     """
-    lr = np.float32(learning_rate)
-    mu = np.float32(momentum)
-    s = np.float32(scale)
-    non_finite = np.float32(0.0)
+    lr = np.float32(learning_rate * scale)  # lr * (scale * g) == (lr * scale) * g
     if momentum == 0.0:
-        for j in range(start, stop):
-            p = params[j] - lr * (s * grads[j])
-            params_out[j] = p
-            non_finite += p - p  # NaN for NaN and +-inf, 0 otherwise
-    else:
-        for j in range(start, stop):
-            g = s * grads[j]
-            v = mu * velocity[j] - lr * g
-            velocity_out[j] = v
-            if nesterov:
-                p = params[j] + (mu * v - lr * g)
-            else:
-                p = params[j] + v
-            params_out[j] = p
-            non_finite += p - p
-    return non_finite
+        return _sgd_plain(params_out[start:stop], params[start:stop], grads[start:stop], lr)
+    return _sgd_momentum(params_out[start:stop], velocity_out[start:stop], params[start:stop],
+                         velocity[start:stop], grads[start:stop], lr, np.float32(momentum),
+                         nesterov)
 
 
 def sgd_ref(params, velocity, grads, learning_rate, momentum, nesterov, scale):
@@ -121,15 +127,17 @@ def sgd_ref(params, velocity, grads, learning_rate, momentum, nesterov, scale):
     return params + step, v
 
 
-@njit(cache=True, nogil=True)
+@njit(**_FAST)
 def adam_into(params_out, m_out, v_out, params, m, v, grads, start, stop, learning_rate, beta1,
               beta2, epsilon, step, weight_decay, scale):
     """Adam (weight_decay=0) or AdamW (decoupled weight decay) step on [start, stop).
 
-    Reads params/m/v, writes params_out/m_out/v_out (which may be the same arrays). ``step`` is the
-    1-based update count used for bias correction. Returns 0.0 when every new parameter is finite,
-    NaN otherwise.
+    Reads params/m/v, writes params_out/m_out/v_out (which may be the same arrays, at some cost:
+    LLVM's overlap check then takes its scalar loop). ``step`` is the 1-based update count used
+    for bias correction. Returns 0.0 when every new parameter is finite, NaN otherwise.
     """
+    p_out, m_o, v_o = params_out[start:stop], m_out[start:stop], v_out[start:stop]
+    p_in, m_in, v_in, g_in = params[start:stop], m[start:stop], v[start:stop], grads[start:stop]
     b1 = np.float32(beta1)
     b2 = np.float32(beta2)
     one_minus_b1 = np.float32(1.0 - beta1)
@@ -142,17 +150,14 @@ def adam_into(params_out, m_out, v_out, params, m, v, grads, start, stop, learni
     decay = np.float32(1.0 - learning_rate * weight_decay)
     s = np.float32(scale)
     non_finite = np.float32(0.0)
-    for j in range(start, stop):
-        g = s * grads[j]
-        mj = b1 * m[j] + one_minus_b1 * g
-        vj = b2 * v[j] + one_minus_b2 * (g * g)
-        m_out[j] = mj
-        v_out[j] = vj
-        p = params[j]
-        if weight_decay != 0.0:
-            p = p * decay
-        p = p - lr_t * mj / (np.sqrt(vj) + eps_t)
-        params_out[j] = p
+    for j in range(p_out.size):
+        g = s * g_in[j]
+        mj = b1 * m_in[j] + one_minus_b1 * g
+        vj = b2 * v_in[j] + one_minus_b2 * (g * g)
+        m_o[j] = mj
+        v_o[j] = vj
+        p = p_in[j] * decay - lr_t * mj / (np.sqrt(vj) + eps_t)
+        p_out[j] = p
         non_finite += p - p
     return non_finite
 

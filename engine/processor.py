@@ -155,7 +155,8 @@ class ParallelBatchProcessor:
             # Average of the local states into ``reduced``, leaving the local states as they are.
             self._work.coefficients[:] = shard_coefficients(self._work.results[:, ws.SINCE_SYNC])
             self._run(ops.REDUCE)
-            self._returned_state = NetworkState.from_buffer(self._layout, self._work.reduced.copy())
+            self._returned_state = NetworkState.from_buffer(self._layout,
+                                                            self._work.averaged.copy())
             return self._returned_state, results
         return self._current_state(), results
 

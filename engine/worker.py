@@ -116,6 +116,8 @@ class WorkerCore:
         """Weighted mean of every slot over this worker's slice into ``reduced``."""
         self._strike("reduce")
         work = self.work
+        if work.averaged is not work.reduced:
+            return  # one worker: its slot is the average, and COMPUTE already summed its squares
         start, stop = self.weight_slice
         middle = (start + stop) // 2 if self.faults else stop  # split only to inject a fault
         sum_squares = weighted_mean_into(work.reduced, work.slots, work.coefficients, start, middle,
@@ -139,13 +141,13 @@ class WorkerCore:
             if high > low:
                 non_finite += self.optimizer.update_into(
                     work.next_params, work.next_optimizer[0], work.params, work.optimizer[0],
-                    work.reduced, low, high, control[ws.LEARNING_RATE], control[ws.STEP] + 1,
+                    work.averaged, low, high, control[ws.LEARNING_RATE], control[ws.STEP] + 1,
                     control[ws.SCALE])
             if low == start:
                 self._strike("update_mid")
         work.results[self.worker_id, ws.NON_FINITE] = non_finite
         start, stop = self.theta_slice
-        work.next_params[start:stop] = work.reduced[start:stop]
+        work.next_params[start:stop] = work.averaged[start:stop]
 
     def reduce_update(self):
         self.reduce()

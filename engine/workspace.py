@@ -121,6 +121,12 @@ class Workspace(_Arrays):
     def next_optimizer(self):
         return self.versions_of_optimizer[(self._current + 1) % self.spec["versions"]]
 
+    @property
+    def averaged(self):
+        """Where the weighted mean of the slots is: ``reduced``, or with a single worker its slot
+        itself (averaging one slot would only copy it)."""
+        return self.slots[0] if len(self.slots) == 1 else self.reduced
+
     def flip(self):
         """Make the freshly written version current (after every worker finished its update)."""
         self.control[PARITY] = (self._current + 1) % self.spec["versions"]

@@ -214,3 +214,14 @@ def test_training_state_lets_a_new_processor_resume_bitwise(blobs):
         processor.load_training_state(saved)
         resumed, _ = processor.run_parallel(*blobs, halfway, {"learning_rate": 0.01})
     np.testing.assert_array_equal(resumed.buffer, uninterrupted.buffer)
+
+
+def test_states_mode_process_batch_with_one_process_returns_the_local_state(blobs):
+    x, y = blobs[0][:40], blobs[1][:40]
+    model = MLP(sizes=(12, 8, 3))
+    start = model.init_state(0)
+    expected, _ = _single_process_step(model, start, x, y, "sgd", learning_rate=0.1)
+    with ParallelBatchProcessor(model, num_processes=1, batch_size=40, sync="states",
+                                update_interval=5, optimizer="sgd") as processor:
+        state, _ = processor.process_batch(x, y, start, {"learning_rate": 0.1})
+    np.testing.assert_allclose(state.buffer, expected.buffer, rtol=RTOL, atol=ATOL)
