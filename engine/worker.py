@@ -203,11 +203,8 @@ class WorkerCore:
         results[ws.COUNT], results[ws.LOSS] = stop - start, 0.0
         if stop > start:
             x, y = self.data.examples[start:stop], self.data.labels[start:stop]
-            self.data.predictions[start:stop] = self.model.predict(self.params_state, x)
-            if hasattr(self.model, "loss"):
-                results[ws.LOSS] = float(self.model.loss(self.params_state, x, y))
-            else:  # the protocol's loss() is optional; the training-mode loss stands in for it
-                results[ws.LOSS] = float(self.model.loss_and_grads(self.params_state, x, y)[0])
+            self.data.predictions[start:stop], results[ws.LOSS] = _predict_and_loss(
+                self.model, self.params_state, x, y)
 
     def _shard(self):
         bounds = self.work.shard_bounds
@@ -253,6 +250,19 @@ class WorkerCore:
         started = time.perf_counter()
         body()
         results[ws.COMPUTE_S] = time.perf_counter() - started
+
+
+def _predict_and_loss(model, state, x, y):
+    """Predictions and inference-mode loss, in one forward pass when the model offers it.
+
+    ``loss`` is optional in the model protocol; without it the training-mode loss stands in."""
+    if hasattr(model, "predict_and_loss"):
+        predictions, loss = model.predict_and_loss(state, x, y)
+        return predictions, float(loss)
+    predictions = model.predict(state, x)
+    if hasattr(model, "loss"):
+        return predictions, float(model.loss(state, x, y))
+    return predictions, float(model.loss_and_grads(state, x, y)[0])
 
 
 def send_message(fd, status_or_op, payload=b""):

@@ -116,21 +116,31 @@ class Sequential:
     def predict(self, state, x):
         """Class probabilities, shape (n, num_outputs), float32, in inference mode."""
         x = self._check_examples(x)
-        chunks = [softmax(self.logits(state.weights, state.theta, x[i:i + _EVAL_CHUNK]))
-                  for i in range(0, len(x), _EVAL_CHUNK)]
-        if len(chunks) == 1:
-            return chunks[0]
-        return np.concatenate(chunks) if chunks else np.empty((0, self.num_outputs), np.float32)
+        return self._evaluate(state, x, None)[0]
 
     def loss(self, state, x, y):
         """Mean loss (cross-entropy or ``loss_fn``) in inference mode (no dropout, BatchNorm
         running statistics)."""
         x, y = self._check_batch(x, y)
-        total = 0.0
+        return self._evaluate(state, x, y)[1]
+
+    def predict_and_loss(self, state, x, y):
+        """``(predict(state, x), loss(state, x, y))`` from one forward pass (the engine's
+        evaluation uses it when a model has it)."""
+        x, y = self._check_batch(x, y)
+        return self._evaluate(state, x, y)
+
+    def _evaluate(self, state, x, y):
+        probabilities, total = [], 0.0
         for i in range(0, len(x), _EVAL_CHUNK):
             logits = self.logits(state.weights, state.theta, x[i:i + _EVAL_CHUNK])
-            total += self._value_and_grad(logits, y[i:i + _EVAL_CHUNK])[0] * len(logits)
-        return total / len(x)
+            probabilities.append(softmax(logits))
+            if y is not None:
+                total += self._value_and_grad(logits, y[i:i + _EVAL_CHUNK])[0] * len(logits)
+        if not probabilities:
+            return np.empty((0, self.num_outputs), np.float32), 0.0
+        predictions = probabilities[0] if len(probabilities) == 1 else np.concatenate(probabilities)
+        return predictions, (total / len(x) if y is not None else None)
 
     def logits(self, weights, theta, x, *, training=False, rng=None):
         """The last layer's output for ``x``, from plain dicts of arrays, in ``x``'s dtype."""
