@@ -16,8 +16,8 @@ from engine.shm import sweep_orphaned_blocks
 from engine.state import NetworkState
 from engine.sync import partition, shard_coefficients, split_batch
 from engine.system import usable_cores
-from engine.validation import (check_data, check_model, check_params, check_processor_options,
-                               check_state)
+from engine.validation import (check_data, check_learning_rate, check_model, check_params,
+                               check_processor_options, check_state)
 from engine.workspace import DataArrays, Workspace
 
 _warned_oversubscription = False
@@ -93,11 +93,13 @@ class ParallelBatchProcessor:
         Args:
             examples: array (n, *feature_shape). labels: integer class indices (n,).
             initial_state: the NetworkState to start from (not modified).
-            params: dict with ``learning_rate``, ``update_weights`` (False: evaluate only, in input
-                order, nothing changes) and optional ``clip_norm`` (global gradient norm).
+            params: dict with ``learning_rate`` (a number, or a function of the 0-based optimizer
+                step returning one), ``update_weights`` (False: evaluate only, in input order,
+                nothing changes) and optional ``clip_norm`` (global gradient norm).
         Returns:
             ``(final_state, results)``; results holds per-step arrays ``loss``, ``examples``,
-            ``compute_s``, ``sync_s``, ``wait_s``, ``wall_s``, ``grad_norm``, per-worker
+            ``compute_s``, ``sync_s``, ``wait_s``, ``wall_s``, ``grad_norm``, ``learning_rate``,
+            per-worker
             ``peak_rss_bytes``, ``mean_loss``, and ``predictions`` when evaluating.
         Raises:
             ValueError/TypeError for bad input (before any worker starts); NonFiniteLossError;
@@ -332,6 +334,8 @@ class ParallelBatchProcessor:
         step = int(work.control[ws.STEP])
         self._set_shards(start, rows)
         self._adjust_micro_batch(step, rows)
+        if callable(learning_rate):
+            learning_rate = check_learning_rate(learning_rate(step), step)
         work.control[ws.LEARNING_RATE] = learning_rate
         began = time.perf_counter()
         if self.sync == "gradients":
@@ -361,8 +365,10 @@ class ParallelBatchProcessor:
             if self._steps_since_average >= self.update_interval:
                 self._average_states()
         work.control[ws.STEP] = step + 1
-        return _record(loss, rows, work.results[:, ws.COMPUTE_S].max(), began, computed,
-                       time.perf_counter(), grad_norm)
+        record = _record(loss, rows, work.results[:, ws.COMPUTE_S].max(), began, computed,
+                         time.perf_counter(), grad_norm)
+        record["learning_rate"] = learning_rate
+        return record
 
     def _adjust_micro_batch(self, step, rows):
         """Under memory pressure, halve the workers' micro-batch (the maths stays the same)."""
@@ -396,7 +402,10 @@ class ParallelBatchProcessor:
         ended = time.perf_counter()
         results = self._work.results
         loss = float(np.dot(results[:, ws.COUNT], results[:, ws.LOSS]) / rows)
-        return _record(loss, rows, results[:, ws.COMPUTE_S].max(), began, ended, ended, float("nan"))
+        record = _record(loss, rows, results[:, ws.COMPUTE_S].max(), began, ended, ended,
+                         float("nan"))
+        record["learning_rate"] = float("nan")
+        return record
 
     def _check_new_parameters(self, step, loss):
         """Refuse an update that made parameters non-finite (a learning rate far too large).

@@ -60,7 +60,10 @@ def check_model(model):
 
 
 def check_params(params):
-    """Return (learning_rate, update_weights, clip_norm) from the per-call ``params`` dict."""
+    """Return (learning_rate, update_weights, clip_norm) from the per-call ``params`` dict.
+
+    ``learning_rate`` is a number, or a function of the optimizer step (0-based, counted across
+    calls) returning one: a per-step schedule such as linear warmup."""
     params = dict(params or {})
     unknown = set(params) - {"learning_rate", "update_weights", "clip_norm"}
     if unknown:
@@ -71,18 +74,27 @@ def check_params(params):
         raise ValueError(f"params['update_weights'] must be True or False. Received: "
                          f"{update_weights!r}.")
     learning_rate = params.get("learning_rate")
-    if update_weights and (learning_rate is None or isinstance(learning_rate, bool)
-                           or not isinstance(learning_rate, numbers.Real)
-                           or not np.isfinite(learning_rate) or learning_rate < 0):
-        raise ValueError(f"params['learning_rate'] must be a finite number >= 0 when "
-                         f"update_weights is True. Received: {learning_rate!r}.")
+    if update_weights and not callable(learning_rate):
+        check_learning_rate(learning_rate)
     clip_norm = params.get("clip_norm")
     if clip_norm is not None and (isinstance(clip_norm, bool) or not isinstance(
             clip_norm, numbers.Real) or not clip_norm > 0):
         raise ValueError(f"params['clip_norm'] must be a positive number or None. Received: "
                          f"{clip_norm!r}.")
-    return (float(learning_rate or 0.0), bool(update_weights),
-            None if clip_norm is None else float(clip_norm))
+    if not callable(learning_rate):
+        learning_rate = float(learning_rate or 0.0)
+    return learning_rate, bool(update_weights), None if clip_norm is None else float(clip_norm)
+
+
+def check_learning_rate(learning_rate, step=None):
+    """A learning rate must be a finite number >= 0 (``step`` names where a schedule gave it)."""
+    if (learning_rate is None or isinstance(learning_rate, bool)
+            or not isinstance(learning_rate, numbers.Real) or not np.isfinite(learning_rate)
+            or learning_rate < 0):
+        where = "" if step is None else f" (returned by the learning-rate schedule for step {step})"
+        raise ValueError(f"params['learning_rate'] must be a finite number >= 0, or a function of "
+                         f"the step returning one. Received: {learning_rate!r}{where}.")
+    return float(learning_rate)
 
 
 def check_state(state, expected_layout, what="initial_state"):

@@ -225,3 +225,17 @@ def test_states_mode_process_batch_with_one_process_returns_the_local_state(blob
                                 update_interval=5, optimizer="sgd") as processor:
         state, _ = processor.process_batch(x, y, start, {"learning_rate": 0.1})
     np.testing.assert_allclose(state.buffer, expected.buffer, rtol=RTOL, atol=ATOL)
+
+
+def test_a_learning_rate_function_is_evaluated_at_every_optimizer_step(blobs):
+    model = MLP(sizes=(12, 8, 3))
+    start = model.init_state(0)
+    schedule = lambda step: 0.1 * (step + 1)  # noqa: E731 - a per-step warmup
+    with ParallelBatchProcessor(model, num_processes=2, batch_size=200, optimizer="sgd") as p:
+        state, results = p.run_parallel(*blobs, start, {"learning_rate": schedule})
+        _, more = p.run_parallel(*blobs, state, {"learning_rate": schedule})
+    np.testing.assert_allclose(results["learning_rate"], [0.1, 0.2, 0.3])
+    np.testing.assert_allclose(more["learning_rate"], [0.4, 0.5, 0.6])  # the step count goes on
+    with ParallelBatchProcessor(model, num_processes=1, batch_size=200, optimizer="sgd") as p:
+        with pytest.raises(ValueError, match="schedule for step 0"):
+            p.run_parallel(*blobs, start, {"learning_rate": lambda step: float("nan")})
