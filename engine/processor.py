@@ -98,9 +98,9 @@ class ParallelBatchProcessor:
                 nothing changes) and optional ``clip_norm`` (global gradient norm).
         Returns:
             ``(final_state, results)``; results holds per-step arrays ``loss``, ``examples``,
-            ``compute_s``, ``sync_s``, ``wait_s``, ``wall_s``, ``grad_norm``, ``learning_rate``,
-            per-worker
-            ``peak_rss_bytes``, ``mean_loss``, and ``predictions`` when evaluating.
+            ``compute_s``, ``sync_s``, ``wait_s``, ``wall_s``, ``grad_norm``, ``learning_rate``;
+            per-worker ``peak_rss_bytes``; ``mean_loss``; ``restarts`` and
+            ``micro_batch_changes`` (reliability events); ``predictions`` when evaluating.
         Raises:
             ValueError/TypeError for bad input (before any worker starts); NonFiniteLossError;
             WorkerError, WorkerCrashedError, WorkerTimeoutError (the pool is torn down first).
