@@ -1,0 +1,34 @@
+"""Each benchmark runs end to end in --quick mode, writes its JSON and ends with its headline.
+
+Timings are never asserted here (they belong to the benchmarks themselves); this only keeps the
+scripts working."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+HEADLINES = {
+    "sync_overhead": r"^sync_overhead worst_ratio_to_floor=\d+\.\d\d$",
+    "scaling": r"^scaling mlp_speedup=\d+\.\d\d cnn_speedup=\d+\.\d\d$",
+    "soak": r"^soak steps_per_s=\d+ restarts=\d+ identical=true rss_growth_mb=-?\d+\.\d\d leaks=0$",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(HEADLINES))
+def test_benchmark_runs_quick_and_prints_its_headline(name, tmp_path):
+    out = tmp_path / f"{name}.json"
+    finished = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"),
+                               "--quick", "--out", str(out)],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    last_line = finished.stdout.strip().splitlines()[-1]
+    assert re.match(HEADLINES[name], last_line), last_line
+    document = json.loads(out.read_text())
+    assert document["benchmark"] == name and document["quick"] is True
+    assert document["machine"]["usable_cores"] >= 1
