@@ -168,6 +168,21 @@ def leftovers():
                 live_children=[child.pid for child in alive])
 
 
+def report_cleanup(load):
+    """Log what was left behind and how busy other processes kept the machine; returns
+    ``(leftovers, cpu_report)`` for the JSON."""
+    cleanup = leftovers()
+    cpu = load.report()
+    clean = not (cleanup["our_shm_blocks"] or cleanup["live_children"])
+    log(f"cleanup: our engine blocks in /dev/shm: {cleanup['our_shm_blocks'] or 'none'}; "
+        f"live children: {cleanup['live_children'] or 'none'}"
+        f"{'' if clean else '  <-- LEFT BEHIND'}")
+    if cpu["other_processes_cores"] > 0.1:
+        log(f"note: other processes used {cpu['other_processes_cores']:.2f} cores on average "
+            "during the run; the timings may be disturbed")
+    return cleanup, cpu
+
+
 def machine_facts():
     """What the numbers depend on: cores, CPU, BLAS, library versions, commit, time, command."""
     import numba

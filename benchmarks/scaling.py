@@ -29,7 +29,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from _common import (QUIET_CORES, CpuLoad, QuietWaiter, format_seconds, leftovers, log,
+from _common import (QUIET_CORES, CpuLoad, QuietWaiter, format_seconds, log, report_cleanup,
                      parse_args, rotated, summarize, write_results)
 from engine import ParallelBatchProcessor, usable_cores
 from models import CNN1D, MLP
@@ -243,15 +243,7 @@ def main():
     quiet = QuietWaiter(0.0 if args.quick else _QUIET_BUDGET_S)
     records = {name: measure_workload(name, spec, cores, args.quick, quiet)
                for name, spec in WORKLOADS.items()}
-    cleanup = leftovers()
-    cpu = load.report()
-    clean = not (cleanup["our_shm_blocks"] or cleanup["live_children"])
-    log(f"cleanup: our engine blocks in /dev/shm: {cleanup['our_shm_blocks'] or 'none'}; "
-        f"live children: {cleanup['live_children'] or 'none'}"
-        f"{'' if clean else '  <-- LEFT BEHIND'}")
-    if cpu["other_processes_cores"] > 0.1:
-        log(f"note: other processes used {cpu['other_processes_cores']:.2f} cores on average "
-            "during the run; the timings may be disturbed")
+    cleanup, cpu = report_cleanup(load)
     headline = {f"{name}_speedup": r["speedup_vs_single_thread"] for name, r in records.items()}
     headline.update({f"{name}_speedup_vs_blas_default": r["speedup_vs_blas_default"]
                      for name, r in records.items()})
@@ -263,7 +255,7 @@ def main():
           f"cnn_speedup={records['cnn']['speedup_vs_blas_default']:.2f}")
     print(f"scaling mlp_speedup={records['mlp']['speedup_vs_single_thread']:.2f} "
           f"cnn_speedup={records['cnn']['speedup_vs_single_thread']:.2f}", flush=True)
-    if not clean:
+    if cleanup["our_shm_blocks"] or cleanup["live_children"]:
         raise SystemExit(1)
 
 

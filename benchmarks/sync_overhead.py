@@ -30,7 +30,7 @@ import time
 import multiprocess
 import numpy as np
 
-from _common import (QUIET_CORES, CpuLoad, QuietWaiter, format_seconds, leftovers, log,
+from _common import (QUIET_CORES, CpuLoad, QuietWaiter, format_seconds, log, report_cleanup,
                      parse_args, rotated, summarize, write_results)
 from engine import NetworkState, ParallelBatchProcessor, usable_cores
 from engine import worker as ops
@@ -318,15 +318,7 @@ def main():
             f"vs in-worker copy {record['ratio_to_floor_in_worker']:.2f}; other processes "
             f"{np.mean(record['round_other_processes_cores']):.2f} cores; "
             f"{_quiet_text(record['quiet_rounds'])})")
-    cleanup = leftovers()
-    cpu = load.report()
-    clean = not (cleanup["our_shm_blocks"] or cleanup["live_children"])
-    log(f"cleanup: our engine blocks in /dev/shm: {cleanup['our_shm_blocks'] or 'none'}; "
-        f"live children: {cleanup['live_children'] or 'none'}"
-        f"{'' if clean else '  <-- LEFT BEHIND'}")
-    if cpu["other_processes_cores"] > 0.1:
-        log(f"note: other processes used {cpu['other_processes_cores']:.2f} cores on average "
-            "during the run; the timings may be disturbed")
+    cleanup, cpu = report_cleanup(load)
     headline_records = [r for r in records if r["num_values"] >= HEADLINE_MIN_SIZE]
     worst = max(headline_records, key=lambda r: r["ratio_to_floor"])
     path = write_results("sync_overhead", args, records, plan=plan, cleanup=cleanup, cpu_load=cpu,
@@ -347,7 +339,7 @@ def main():
               f"{r['ratio_to_floor']:>6.2f} {_quiet_column(r['quiet_rounds']):>13}")
     print(f"results: {path}")
     print(f"sync_overhead worst_ratio_to_floor={worst['ratio_to_floor']:.2f}", flush=True)
-    if not clean:
+    if cleanup["our_shm_blocks"] or cleanup["live_children"]:
         raise SystemExit(1)
 
 

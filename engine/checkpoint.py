@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.state import NetworkState
+from engine.state import NetworkState, check_format
 
 FORMAT_NAME = "engine.Checkpoint"
 FORMAT_VERSION = 1
@@ -111,13 +111,8 @@ def load_checkpoint(path):
         if "checkpoint" not in f:
             return checkpoint
         group = f["checkpoint"]
-        if group.attrs.get("format") != FORMAT_NAME:
-            raise ValueError(f"{path!r}: the 'checkpoint' group has format "
-                             f"{group.attrs.get('format')!r}, expected {FORMAT_NAME!r}.")
-        version = int(group.attrs.get("format_version", -1))
-        if version > FORMAT_VERSION:
-            raise ValueError(f"{path!r} is a checkpoint of format_version {version}; this engine "
-                             f"reads up to {FORMAT_VERSION}. Upgrade the engine to load it.")
+        check_format(group.attrs, FORMAT_NAME, FORMAT_VERSION,
+                     f"{path!r} (its 'checkpoint' group)")
         checkpoint.trainer = json.loads(group.attrs.get("trainer", "{}"))
         if "processor" in group:
             checkpoint.training_state = {**json.loads(group["processor"].attrs["values"]),

@@ -68,6 +68,17 @@ class StateLayout:
         return None
 
 
+def check_format(attrs, name, version, where):
+    """Raise ValueError unless HDF5 ``attrs`` name format ``name`` at a version we can read."""
+    if attrs.get("format") != name:
+        raise ValueError(f"{where} is not a file of format {name!r} (its format attribute is "
+                         f"{attrs.get('format')!r}).")
+    found = int(attrs.get("format_version", -1))
+    if found > version:
+        raise ValueError(f"{where} has format_version {found}; this engine reads up to "
+                         f"{version}. Upgrade the engine to load it.")
+
+
 class NetworkState:
     """A network's trainable ``weights`` and non-trainable ``theta``, backed by one float32 buffer.
 
@@ -189,13 +200,7 @@ class NetworkState:
         except (OSError, ValueError) as error:
             raise ValueError(f"cannot read {path!r} as an HDF5 state file: {error}") from None
         with f:
-            if f.attrs.get("format") != FORMAT_NAME:
-                raise ValueError(f"{path!r} is not a NetworkState file (format attribute "
-                                 f"{f.attrs.get('format')!r}, expected {FORMAT_NAME!r}).")
-            version = int(f.attrs.get("format_version", -1))
-            if version > FORMAT_VERSION:
-                raise ValueError(f"{path!r} has format_version {version}; this engine reads up to "
-                                 f"{FORMAT_VERSION}. Upgrade the engine to load it.")
+            check_format(f.attrs, FORMAT_NAME, FORMAT_VERSION, f"{path!r}")
             arrays = {}
             for kind in ("weights", "theta"):
                 names = json.loads(f[kind].attrs["names"])

@@ -48,7 +48,7 @@ def test_save_and_load_round_trip_keeps_names_order_values_and_metadata(tmp_path
 def test_load_rejects_a_foreign_hdf5_file_with_its_name(tmp_path):
     with h5py.File(tmp_path / "other.h5", "w") as f:
         f["x"] = np.zeros(3)
-    with pytest.raises(ValueError, match="other.h5.*not a NetworkState"):
+    with pytest.raises(ValueError, match="other.h5.*not a file of format 'engine.NetworkState'"):
         NetworkState.load(tmp_path / "other.h5")
 
 
