@@ -1,5 +1,6 @@
 # `make demo` and `make test` create the virtual environment when it is missing (or when setup.py
-# changed since it was made), then run.
+# or this file changed since it was made), then run. The environment includes the `tf` extra
+# (tensorflow-cpu), so CI runs the Keras backend tests too.
 PYTHON_BASE ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,10 +10,10 @@ STAMP := $(VENV)/.installed
 
 env: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,tf]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/sync_overhead.py
 	$(PY) benchmarks/scaling.py
+	$(PY) benchmarks/vs_keras.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

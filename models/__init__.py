@@ -24,6 +24,8 @@ sent to every worker process) that has:
     Float32 class probabilities of shape ``(n, num_outputs)``, in inference mode.
 ``loss(state, x, y) -> float``
     The same mean loss in inference mode, for evaluation.
+``predict_and_loss(state, x, y) -> (predictions, loss)`` (optional)
+    Both of the above from one forward pass; the engine's evaluation uses it when present.
 
 Because the loss is a mean, the gradients of shards of sizes n_i combine into the full-batch
 gradient when weighted by n_i / sum(n_i). ``NetworkState`` (``engine.state``) keeps weights and
@@ -63,6 +65,9 @@ def available_models():
 
 def model_signature(name):
     """The ``inspect.Signature`` of a registered model's constructor (its arguments and defaults)."""
+    if name.startswith("keras:"):
+        from models.keras_zoo import keras_model_signature
+        return keras_model_signature(name)
     if name not in _REGISTRY:
         raise ValueError(f"unknown model name {name!r}. Known names: {sorted(_REGISTRY)}. "
                          "See models.available_models() for their arguments.")
@@ -76,6 +81,9 @@ def get_model(name, **kwargs):
         ValueError: for an unknown name (the message lists the known names) or invalid arguments.
         TypeError: for arguments the model does not take (the message shows its signature).
     """
+    if name.startswith("keras:"):  # the Keras zoo, trained through engine.backends.KerasModel
+        from models.keras_zoo import get_keras_model
+        return get_keras_model(name, **kwargs)
     if name not in _REGISTRY:
         raise ValueError(f"unknown model name {name!r}. Known names: {sorted(_REGISTRY)}. "
                          "See models.available_models() for their arguments.")
