@@ -87,6 +87,12 @@ def _add_train_arguments(parser):
     group.add_argument("--sync", choices=("gradients", "states"), help=_default("sync").strip())
     group.add_argument("--update-interval", type=int, help="steps between state averages "
                        "(sync=states)" + _default("update_interval"))
+    group.add_argument("--device", choices=("auto", "cpu", "gpu"), help="auto: Keras models run "
+                       "under tf.distribute.MirroredStrategy when TensorFlow sees GPUs, the rest "
+                       "on the engine's CPU workers" + _default("device"))
+    group.add_argument("--mixed-precision", action="store_true", help="mixed_float16 with loss "
+                       "scaling (GPU path)")
+    group.add_argument("--xla", action="store_true", help="compile with XLA (GPU path)")
     group = parser.add_argument_group("output")
     group.add_argument("--output-dir", metavar="DIR", help="results folder (default: "
                        "runs/MODEL-TIMESTAMP, or the resumed run's)")
@@ -190,11 +196,16 @@ def _info(args):
         print("tensorflow    sees " + ("(not probed: --no-tensorflow)" if seen is None and
                                        not args.probe_tensorflow else
                                        f"{len(seen or [])} GPU(s) {seen or ''}".rstrip()))
+    from engine.backends.device import describe_device_path
+    path = describe_device_path()
+    where = "tf.distribute" if path["path"] == "tf_distribute" else "the engine"
+    print(f"keras path    {where}: {path['reason']}")
 
 
 def _models(args):
     from models import available_models
-    described = available_models()
+    from models.keras_zoo import available_keras_models
+    described = {**available_models(), **available_keras_models()}
     if args.json:
         print(json.dumps(described, indent=2))
         return

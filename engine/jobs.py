@@ -116,7 +116,8 @@ def run_train(config, *, out=None):
         schedule=build_schedule(config), loss=build_loss(config), clip_norm=config["clip_norm"],
         grad_accum=config["grad_accum"], callbacks=build_callbacks(config, output_dir),
         output_dir=output_dir, seed=config["seed"], standardize=config["standardize"],
-        verbose=config["progress"],
+        verbose=config["progress"], device=config["device"],
+        mixed_precision=config["mixed_precision"], xla=config["xla"],
         metadata={"config": to_json(config), "model_name": config["model"],
                   "model_args": to_json(model_args)})
     os.makedirs(output_dir, exist_ok=True)
@@ -139,6 +140,8 @@ def run_train(config, *, out=None):
     history = trainer.fit(data.x_train, data.y_train, epochs=config["epochs"],
                           validation_data=None if data.x_val is None else (data.x_val, data.y_val),
                           resume=config["resume"], check_data=False)  # prepare_data checked it
+    if hasattr(model, "save_keras"):  # a Keras model: also export the trained .keras file
+        model.save_keras(history.state, os.path.join(output_dir, "model.keras"))
     test = trainer.evaluate(data.x_test, data.y_test)
     extra = {"split": "test", "loss": test["loss"], "checkpoint": "model.h5",
              "data": data.source, "model": config["model"], "epochs_trained": history.epoch[-1]

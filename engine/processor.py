@@ -308,6 +308,11 @@ class ParallelBatchProcessor:
             except BaseException:
                 self.close()
                 raise
+        if order is not None and examples.dtype == np.float32 and examples.flags.c_contiguous:
+            # One gather straight into shared memory (fancy indexing would copy twice).
+            np.take(examples, order, axis=0, out=data.examples[:rows])
+            np.take(labels, order, out=data.labels[:rows])
+            return
         chunk = max(1, (64 << 20) // max(1, examples[:1].nbytes))  # bound the temporary to ~64 MiB
         for start in range(0, rows, chunk):
             stop = min(rows, start + chunk)

@@ -25,6 +25,7 @@ from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.datasets import (Feed, Standardizer, Subset, as_labels, check_every_class,
                              check_features, check_labels, describe, stratified_split)
 from engine.history import History, merge_results
+from engine.backends.device import make_processor
 from engine.processor import ParallelBatchProcessor
 from engine.schedules import Schedule, make_schedule
 from engine.system import available_memory_bytes, usable_cores
@@ -53,13 +54,17 @@ class Trainer:
         standardize: scale features by training-split mean and std (kept in checkpoints).
         verbose: show a progress bar. metadata: JSON dict stored in every checkpoint.
         memory_limit_bytes: training data above this streams (default: 1/4 of available memory).
+        device: "auto" (a Keras model goes to tf.distribute.MirroredStrategy when TensorFlow sees
+            GPUs, everything else to the engine), "cpu" or "gpu". mixed_precision, xla: options
+            of the GPU path (engine.backends.MirroredProcessor).
     """
 
     def __init__(self, model, *, batch_size=32, num_processes=None, sync="gradients",
                  update_interval=1, optimizer="adam", learning_rate=1e-3, schedule="constant",
                  loss=None, clip_norm=None, grad_accum=1, callbacks=(), output_dir=None, seed=0,
                  standardize=False, verbose=True, metadata=None, memory_limit_bytes=None,
-                 start_method=None, timeout_s=None):
+                 start_method=None, timeout_s=None, device="auto", mixed_precision=False,
+                 xla=False):
         _check_positive_int(grad_accum, "grad_accum", "Use 1 for one step per batch.")
         _check_positive_int(batch_size, "batch_size", "It is the global batch of one step.")
         if clip_norm is not None and not (isinstance(clip_norm, numbers.Real) and clip_norm > 0):
@@ -86,6 +91,8 @@ class Trainer:
             num_processes=num_processes, batch_size=batch_size * grad_accum, sync=sync,
             update_interval=update_interval, optimizer=optimizer, seed=seed,
             micro_batch_size=micro, start_method=start_method, timeout_s=timeout_s)
+        # Keras models go to tf.distribute when GPUs are there (engine.backends.device).
+        self.device_options = dict(device=device, mixed_precision=mixed_precision, xla=xla)
         self.state, self.history, self.standardizer = None, History(), None
         self.stop_training, self.epochs, self.initial_epoch = False, 0, 0
         self._processor = None
@@ -132,7 +139,8 @@ class Trainer:
         self.state = initial_state.copy() if initial_state is not None else \
             self.model.init_state(self.seed)
         self.history, self.initial_epoch, self._epochs_done = History(), 0, 0
-        self._processor = ParallelBatchProcessor(self.model, **self.processor_options)
+        self._processor = make_processor(self.model, **self.device_options,
+                                         **self.processor_options)
         try:
             if checkpoint is not None:
                 self._restore(checkpoint, callbacks, resume)
@@ -157,7 +165,10 @@ class Trainer:
                         batch_size=self.processor_options["batch_size"])
 
     def save_checkpoint(self, path):
-        """Write a resumable checkpoint of the current epoch (atomic; see engine.checkpoint)."""
+        """Write a resumable checkpoint of the current epoch (atomic; see engine.checkpoint).
+
+        With an output_dir, checkpoints/last.h5 is written after every epoch: Ctrl-C or SIGTERM
+        (SystemExit while workers run) leaves the last completed epoch there for ``resume``."""
         arrays = dict(self.standardizer.arrays()) if self.standardizer else {}
         states = {}
         for key, callback in self._callback_keys.items():
