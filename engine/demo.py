@@ -25,12 +25,13 @@ def main(argv=None):
                         help="worker processes (default: one per usable core)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--seed", type=int, default=0, help="initialization and shuffling seed")
     parser.add_argument("--output", default=os.path.join("runs", "demo"))
     args = parser.parse_args(argv)
 
     x_train, y_train, x_test, y_test = load_mnist1d()
     model = CNN1D()
-    state = model.init_state(seed=0)
+    state = model.init_state(seed=args.seed)
     steps_per_epoch = -(-len(x_train) // args.batch_size)
     epochs = -(-args.steps // steps_per_epoch)
     processes = args.processes or usable_cores()
@@ -39,7 +40,7 @@ def main(argv=None):
           f"{steps_per_epoch} steps (batch {args.batch_size}, Adam lr {args.lr})")
     started = time.perf_counter()
     with ParallelBatchProcessor(model, num_processes=processes, batch_size=args.batch_size,
-                                optimizer="adam", seed=0) as processor:
+                                optimizer="adam", seed=args.seed) as processor:
         with tqdm(range(epochs), unit="epoch", file=sys.stdout, mininterval=1.0) as bar:
             for epoch in bar:
                 state, results = processor.run_parallel(x_train, y_train, state,
