@@ -37,13 +37,7 @@ def imu_cnn_bilstm(*, timesteps=128, channels=13, num_classes=26, dropout=0.3,
     x = layers.Bidirectional(layers.LSTM(128, return_sequences=True, name="lstm1"),
                              name="bilstm1")(x)
     x = layers.Bidirectional(layers.LSTM(128, name="lstm2"), name="bilstm2")(x)
-    x = layers.Dense(128, activation="relu", name="dense")(x)
-    x = layers.Dropout(dropout, name="dropout")(x)
-    outputs = layers.Dense(num_classes, activation="softmax", name="classes")(x)
-    model = keras.Model(inputs, outputs, name="imu_cnn_bilstm")
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return model
+    return _dense_head(inputs, x, num_classes, dropout, learning_rate, "imu_cnn_bilstm")
 
 
 def lstm_attention(*, timesteps=20, features=256, units=128, attention_units=64, num_classes=2,
@@ -106,13 +100,7 @@ def cnn_bilstm_attention(*, timesteps=60, features=126, num_classes=20, filters=
     attention_path = layers.GlobalAveragePooling1D(name="attention_pool")(sequence)
     gru_path = layers.GRU(gru_units, name="gru")(conv)
     x = layers.Concatenate(name="fuse")([attention_path, gru_path])
-    x = layers.Dense(128, activation="relu", name="dense")(x)
-    x = layers.Dropout(dropout, name="dropout")(x)
-    outputs = layers.Dense(num_classes, activation="softmax", name="classes")(x)
-    model = keras.Model(inputs, outputs, name="cnn_bilstm_attention")
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return model
+    return _dense_head(inputs, x, num_classes, dropout, learning_rate, "cnn_bilstm_attention")
 
 
 def _sequence_shape(input_shape, timesteps, features):
@@ -138,6 +126,19 @@ def available_keras_models():
 def keras_model_signature(name):
     """The ``inspect.Signature`` of a zoo builder (``"keras:"`` prefix optional)."""
     return inspect.signature(_builder(name))
+
+
+def _dense_head(inputs, x, num_classes, dropout, learning_rate, name):
+    """Dense(128) -> Dropout -> softmax classes, compiled with Adam and sparse cross-entropy."""
+    import keras
+    from keras import layers
+    x = layers.Dense(128, activation="relu", name="dense")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="classes")(x)
+    model = keras.Model(inputs, outputs, name=name)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
 
 
 def _builder(name):
