@@ -80,7 +80,7 @@ class ParallelBatchProcessor:
             _warn_oversubscription(self.num_processes, cores)
         self.micro_batch_size, self.max_restarts = micro_batch_size, max_restarts
         self._layout = self._work = self._data = self._executor = None
-        self._pending_training_state = None
+        self._pending_training_state = self._kept_optimizer = None
         self._governor, self._micro_batch_changes = memory.MicroBatchGovernor(), []
         self._steps_since_average = 0
         self._returned_state = None
@@ -200,6 +200,7 @@ class ParallelBatchProcessor:
 
     def reset_optimizer(self):
         """Forget optimizer state (momentum, Adam moments and step count)."""
+        self._kept_optimizer = None
         if self._work is not None:
             self._work.versions_of_optimizer.fill(0.0)
             self._work.control[ws.STEP] = 0
@@ -217,6 +218,13 @@ class ParallelBatchProcessor:
         if getattr(self, "_holds_sigterm", False):
             self._holds_sigterm = False
             signals.release()
+        if self._work is not None:
+            # The optimizer state outlives the pool (a PyTorch optimizer outlives its process
+            # group): a call after close(), or after a failure tore the pool down, goes on with the
+            # same moments and step count. In gradients mode the current version is intact even
+            # when a worker died mid-update.
+            self._kept_optimizer = (self._layout, self._work.optimizer.copy(),
+                                    int(self._work.control[ws.STEP]))
         for arrays in (self._data, self._work):
             if arrays is not None:
                 arrays.close()
@@ -277,8 +285,12 @@ class ParallelBatchProcessor:
         self._work.state_bounds[:] = partition(layout.size, self.num_processes)
         self._work.control[ws.SEED] = self.seed
         self._work.control[ws.MICRO_BATCH] = self.micro_batch_size or 0
+        kept, self._kept_optimizer = self._kept_optimizer, None
         if self._pending_training_state is not None:
             self._apply_training_state()
+        elif kept is not None and kept[0] == layout and kept[1].shape == self._work.optimizer.shape:
+            self._work.optimizer[...] = kept[1]
+            self._work.control[ws.STEP] = kept[2]
         self._layout, self._num_outputs = layout, num_outputs
         if shared:
             kernels.warm_up()  # forked workers inherit compiled kernels

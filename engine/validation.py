@@ -130,7 +130,8 @@ def check_data(examples, labels, feature_shape, num_outputs):
         raise ValueError(f"examples hold NaN or infinite values (first at example {bad}). Clean or "
                          "impute them before training.")
     if labels.dtype == object or not (np.issubdtype(labels.dtype, np.integer) or (
-            np.issubdtype(labels.dtype, np.floating) and np.all(np.mod(labels, 1) == 0))):
+            np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels))
+            and np.all(np.mod(labels, 1) == 0))):
         raise ValueError(f"labels must be integer class indices. Received dtype {labels.dtype}"
                          f"{' with non-integer values' if labels.dtype.kind == 'f' else ''}.")
     if labels.min() < 0 or labels.max() >= num_outputs:

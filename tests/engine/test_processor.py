@@ -239,3 +239,19 @@ def test_a_learning_rate_function_is_evaluated_at_every_optimizer_step(blobs):
     with ParallelBatchProcessor(model, num_processes=1, batch_size=200, optimizer="sgd") as p:
         with pytest.raises(ValueError, match="schedule for step 0"):
             p.run_parallel(*blobs, start, {"learning_rate": lambda step: float("nan")})
+
+
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_optimizer_state_outlives_close_so_a_restarted_pool_goes_on_bitwise(blobs, num_processes):
+    model = MLP(sizes=(12, 16, 3))
+    options = dict(num_processes=num_processes, batch_size=64, optimizer="adam", seed=4)
+    with ParallelBatchProcessor(model, **options) as processor:
+        state = model.init_state(0)
+        for _ in range(2):
+            state, _ = processor.run_parallel(*blobs, state, {"learning_rate": 0.01})
+    uninterrupted = state
+    with ParallelBatchProcessor(model, **options) as processor:
+        state, _ = processor.run_parallel(*blobs, model.init_state(0), {"learning_rate": 0.01})
+        processor.close()  # as a failure does: the next call starts a fresh pool
+        state, _ = processor.run_parallel(*blobs, state, {"learning_rate": 0.01})
+    np.testing.assert_array_equal(state.buffer, uninterrupted.buffer)
