@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/sync_overhead.py
 	$(PY) benchmarks/scaling.py
 	$(PY) benchmarks/vs_keras.py
+	$(PY) benchmarks/soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs
