@@ -12,13 +12,10 @@ import warnings
 import psutil
 
 from engine.errors import InsufficientMemoryError
+from engine.system import available_memory_bytes
 
 WORKER_BASELINE_BYTES = 64 << 20
 _PRIVATE_STATE_COPIES = 4  # gradient dict, flattened copy, local views, allocator slack
-
-
-def available_memory_bytes():
-    return psutil.virtual_memory().available
 
 
 def low_memory_threshold_bytes():

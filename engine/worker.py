@@ -74,9 +74,7 @@ class WorkerCore:
         self.state_slice = (int(start), int(stop))
         self.weight_slice = (int(start), int(min(stop, self.num_weights)))
         self.theta_slice = (int(max(start, self.num_weights)), int(stop))
-        # sync="states" gathers gradients and new theta here (its slot holds its local state).
-        self._local_flat = np.empty(layout.size, np.float32)
-        self._local_grads, self._local_theta = layout.views(self._local_flat)
+        self._local_flat = None  # sync="states" only; allocated by its first local step
 
     @property
     def params_state(self):
@@ -168,6 +166,10 @@ class WorkerCore:
         if stop == start:
             results[ws.LOSS] = results[ws.COUNT] = results[ws.NON_FINITE] = 0.0
             return
+        if self._local_flat is None:
+            # Gradients and new theta gather here: in states mode the slot holds the local state.
+            self._local_flat = np.empty(self.layout.size, np.float32)
+            self._local_grads, self._local_theta = self.layout.views(self._local_flat)
         _, count = self._train_on_shard(state, self._local_grads, self._local_theta)
         own_optimizer = work.optimizer[self.worker_id]
         results[ws.NON_FINITE] = self.optimizer.update_into(

@@ -98,28 +98,29 @@ class Workspace(_Arrays):
                 ("state_bounds", (n + 1,), np.int64)]
 
 
-    @property
-    def _current(self):
-        return int(self.control[PARITY]) % self.spec["versions"]
+    def _version(self, ahead):
+        """Index of the current version (ahead=0) or of the next one (ahead=1)."""
+        versions = self.spec["versions"]
+        return (int(self.control[PARITY]) + ahead) % versions
 
     @property
     def params(self):
         """The current state (all weights, then theta)."""
-        return self.versions_of_params[self._current]
+        return self.versions_of_params[self._version(0)]
 
     @property
     def next_params(self):
         """Where an update writes (the current state itself when there is one version)."""
-        return self.versions_of_params[(self._current + 1) % self.spec["versions"]]
+        return self.versions_of_params[self._version(1)]
 
     @property
     def optimizer(self):
         """Current optimizer state: (copies, buffers, num_weights)."""
-        return self.versions_of_optimizer[self._current]
+        return self.versions_of_optimizer[self._version(0)]
 
     @property
     def next_optimizer(self):
-        return self.versions_of_optimizer[(self._current + 1) % self.spec["versions"]]
+        return self.versions_of_optimizer[self._version(1)]
 
     @property
     def averaged(self):
@@ -129,7 +130,7 @@ class Workspace(_Arrays):
 
     def flip(self):
         """Make the freshly written version current (after every worker finished its update)."""
-        self.control[PARITY] = (self._current + 1) % self.spec["versions"]
+        self.control[PARITY] = self._version(1)
 
 
 class DataArrays(_Arrays):
