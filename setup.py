@@ -26,5 +26,5 @@ setup(
         "dev": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "tensorboard>=2.14"],
         "tensorboard": ["tensorboard>=2.14"],
     },
-    entry_points={"console_scripts": ["engine = engine.cli:main"]},
+    entry_points={"console_scripts": ["engine = engine.cli.main:main"]},
 )

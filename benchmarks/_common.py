@@ -160,7 +160,7 @@ class QuietWaiter:
 
 def leftovers():
     """Engine blocks in /dev/shm (any owner) and live child processes of ours, after cleanup."""
-    from engine.shm import blocks_of
+    from engine.parallel.shm import blocks_of
     children = [child for child in psutil.Process().children(recursive=True)
                 if child.is_running() and child.status() != psutil.STATUS_ZOMBIE]
     gone, alive = psutil.wait_procs(children, timeout=5)

@@ -23,7 +23,7 @@ import numpy as np
 import psutil
 
 from engine import ParallelBatchProcessor
-from engine.shm import blocks_of
+from engine.parallel.shm import blocks_of
 from models import MLP
 
 STEPS_PER_EPOCH = 100

@@ -33,10 +33,10 @@ import numpy as np
 from _common import (QUIET_CORES, CpuLoad, QuietWaiter, format_seconds, log, report_cleanup,
                      parse_args, rotated, summarize, write_results)
 from engine import NetworkState, ParallelBatchProcessor, usable_cores
-from engine import worker as ops
-from engine.shm import SharedBlock
-from engine.sync import partition
-from engine.worker import receive_message, send_message
+from engine.parallel import worker as ops
+from engine.parallel.shm import SharedBlock
+from engine.core.sharding import partition
+from engine.parallel.worker import receive_message, send_message
 
 SIZES = (100_000, 1_000_000, 4_000_000, 16_000_000)
 HEADLINE_MIN_SIZE = 1_000_000

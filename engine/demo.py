@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from engine import ParallelBatchProcessor, usable_cores
-from engine.data import load_mnist1d
+from engine.training.data import load_mnist1d
 from models import CNN1D
 
 PAPER_ACCURACY = 0.94  # the MNIST-1D paper's figure for this CNN (Adam 1e-2, batch 100, 6,000 steps)

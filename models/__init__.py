@@ -28,7 +28,7 @@ sent to every worker process) that has:
     Both of the above from one forward pass; the engine's evaluation uses it when present.
 
 Because the loss is a mean, the gradients of shards of sizes n_i combine into the full-batch
-gradient when weighted by n_i / sum(n_i). ``NetworkState`` (``engine.state``) keeps weights and
+gradient when weighted by n_i / sum(n_i). ``NetworkState`` (``engine.core.state``) keeps weights and
 theta in one float32 buffer; ``state.weights[name]`` and ``state.theta[name]`` are views into it.
 Work in float32 (float32 arrays, ``np.float32`` scalars): one float64 operand silently doubles the
 cost.

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from engine.state import NetworkState
+from engine.core.state import NetworkState
 from models.layer_base import Layer, is_positive_int
 from models.layers import softmax, softmax_cross_entropy
 

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from engine.shm import blocks_of  # noqa: E402
+from engine.parallel.shm import blocks_of  # noqa: E402
 
 _HELPERS = ("resource_tracker", "forkserver")
 

@@ -17,14 +17,14 @@ _LOG_FLOOR = 1e-7    # probabilities are clipped here before the log, as Keras' 
 def configure_tensorflow_threads():
     """Intra-op threads = this process's share of the cores, inter-op threads = 1.
 
-    A worker's share is in ``OMP_NUM_THREADS`` (set by ``engine.system.limit_threads`` before the
+    A worker's share is in ``OMP_NUM_THREADS`` (set by ``engine.parallel.system.limit_threads`` before the
     model runs); elsewhere every usable core. Must run before TensorFlow executes anything: once
     its runtime is up the setting cannot change, and then the current one is kept.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    from engine.system import usable_cores
+    from engine.parallel.system import usable_cores
     threads = int(os.environ.get("OMP_NUM_THREADS") or usable_cores())
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)

@@ -103,7 +103,7 @@ def make_processor(model, *, device="auto", mixed_precision=False, xla=False, de
     else:
         path = TF_DISTRIBUTE
     if path == ENGINE:
-        from engine.processor import ParallelBatchProcessor
+        from engine.parallel.processor import ParallelBatchProcessor
         return ParallelBatchProcessor(model, **options)
     if options.get("sync", "gradients") != "gradients":
         raise ValueError(f'the tf.distribute path steps in sync="gradients" mode only. Received: '

@@ -16,7 +16,7 @@ elsewhere:
   state into the model's variables (nothing is rebuilt) and runs one compiled ``tf.function``.
 
 Made from a ``keras.Model`` object, TensorFlow is already loaded in this process, so the engine
-starts its workers with ``spawn`` (``engine.pool.default_start_method``): that works, but the script
+starts its workers with ``spawn`` (``engine.parallel.pool.default_start_method``): that works, but the script
 needs an ``if __name__ == "__main__":`` guard, and each worker pays the imports (a few seconds).
 A builder function keeps the parent free of TensorFlow and the workers forked.
 """
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from engine.state import NetworkState, StateLayout
+from engine.core.state import NetworkState, StateLayout
 
 __all__ = ["KerasModel", "in_tensorflow_process", "tensorflow_available"]
 

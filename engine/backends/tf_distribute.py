@@ -22,11 +22,11 @@ import time
 
 import numpy as np
 
-from engine.errors import NonFiniteLossError
-from engine.optim import SGD, Adam, make_optimizer
-from engine.state import NetworkState
-from engine.sync import split_batch
-from engine.validation import check_data, check_params, check_state
+from engine.core.errors import NonFiniteLossError
+from engine.core.optim import SGD, Adam, make_optimizer
+from engine.core.state import NetworkState
+from engine.core.sharding import split_batch
+from engine.core.validation import check_data, check_params, check_state
 
 __all__ = ["MirroredProcessor", "split_cpu_into_logical_devices"]
 

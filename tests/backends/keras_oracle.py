@@ -1,7 +1,7 @@
 """TensorFlow-side oracles for the Keras backend tests, run in a child process.
 
 The pytest process must never import TensorFlow: once it is loaded, every later test's processor
-would start workers with spawn instead of fork (``engine.pool.default_start_method``), and forking
+would start workers with spawn instead of fork (``engine.parallel.pool.default_start_method``), and forking
 a process that has loaded TensorFlow is unsafe. So the tests run the engine here (TensorFlow-free,
 forked workers: the production setting) and ask this script, in a fresh process, for what only
 Keras can say: ``train_on_batch``, ``load_model(...).predict``, a MirroredStrategy run.
@@ -137,7 +137,7 @@ def mirrored(model, state, x, y, batch_size, learning_rate, seed, optimizer, epo
 def in_process_checks(x, y):
     """Checks of KerasModel that need TensorFlow in the calling process (numpy twins as oracles)."""
     from engine.backends.keras import KerasModel
-    from engine.worker import _LazyRandom
+    from engine.parallel.worker import _LazyRandom
     from models.losses import CrossEntropy, FocalLoss
     import functools
     out = {}
@@ -219,7 +219,7 @@ def keras_object_on_two_processes(x, y, learning_rate):
     TensorFlow; one 2-process gradient step against train_on_batch on the whole batch."""
     from engine import ParallelBatchProcessor
     from engine.backends.keras import KerasModel
-    from engine.pool import default_start_method
+    from engine.parallel.pool import default_start_method
     import keras
     keras.utils.set_random_seed(3)
     keras_model = conv_lstm(timesteps=x.shape[1], channels=x.shape[2])

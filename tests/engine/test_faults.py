@@ -1,4 +1,4 @@
-"""Fault injection (engine.faults): workers die, segfault or hang mid-run; training goes on, and in
+"""Fault injection (engine.parallel.faults): workers die, segfault or hang mid-run; training goes on, and in
 gradients mode the final state is bitwise the state of a run without the fault."""
 import numpy as np
 import pytest

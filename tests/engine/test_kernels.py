@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from engine import kernels
-from engine.sync import partition
+from engine.core import kernels
+from engine.core.sharding import partition
 
 RTOL = 1e-6  # float32 kernels against float64-accumulating twins
 

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from engine import ParallelBatchProcessor
-from engine.shm import blocks_of
+from engine.parallel.shm import blocks_of
 from models import MLP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -96,7 +96,7 @@ def test_workers_exit_by_themselves_when_the_owner_is_killed():
     gone, alive = psutil.wait_procs([psutil.Process(pid) for pid in workers if
                                      psutil.pid_exists(pid)], timeout=10)
     assert not alive
-    from engine.shm import sweep_orphaned_blocks
+    from engine.parallel.shm import sweep_orphaned_blocks
     sweep_orphaned_blocks()  # what the next engine start does
     assert blocks_of(script.pid) == []
     import glob

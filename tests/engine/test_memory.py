@@ -3,13 +3,13 @@ run shrinks micro-batches without changing the maths."""
 import numpy as np
 import pytest
 
-import engine.memory
+import engine.parallel.memory
 from engine import InsufficientMemoryError, ParallelBatchProcessor
 from models import MLP
 
 
 def test_a_run_that_cannot_fit_is_refused_with_the_numbers(blobs, monkeypatch, live_children):
-    monkeypatch.setattr(engine.memory, "available_memory_bytes", lambda: 10 << 20)
+    monkeypatch.setattr(engine.parallel.memory, "available_memory_bytes", lambda: 10 << 20)
     model = MLP(sizes=(12, 8, 3))
     with ParallelBatchProcessor(model, num_processes=2, batch_size=50) as processor:
         with pytest.raises(InsufficientMemoryError, match=r"needs at least .* GiB .* 2 workers"):
@@ -18,9 +18,9 @@ def test_a_run_that_cannot_fit_is_refused_with_the_numbers(blobs, monkeypatch, l
 
 
 def test_estimate_counts_shared_blocks_and_each_worker():
-    one = engine.memory.estimate_run_bytes(1000, 1, 400)
-    two = engine.memory.estimate_run_bytes(1000, 2, 400)
-    assert two - one == engine.memory.WORKER_BASELINE_BYTES + 4 * 400
+    one = engine.parallel.memory.estimate_run_bytes(1000, 1, 400)
+    two = engine.parallel.memory.estimate_run_bytes(1000, 2, 400)
+    assert two - one == engine.parallel.memory.WORKER_BASELINE_BYTES + 4 * 400
     assert one > 1000
 
 
@@ -31,7 +31,7 @@ def test_low_memory_halves_the_micro_batch_and_keeps_the_result(blobs, monkeypat
     with ParallelBatchProcessor(model, **options) as processor:
         expected, _ = processor.run_parallel(*blobs, start, {"learning_rate": 0.1})
     calls = iter([1 << 40] * 2 + [1 << 20] * 1000)  # plenty at first, then almost nothing
-    monkeypatch.setattr(engine.memory, "available_memory_bytes", lambda: next(calls))
+    monkeypatch.setattr(engine.parallel.memory, "available_memory_bytes", lambda: next(calls))
     with ParallelBatchProcessor(model, **options) as processor:
         processor._governor.interval_s = 0.0
         with pytest.warns(RuntimeWarning, match="micro-batches of 25"):

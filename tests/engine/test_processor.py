@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from engine import SGD, NetworkState, ParallelBatchProcessor
-from engine.sync import split_batch
+from engine.core.sharding import split_batch
 from models import CNN1D, MLP
 
 # Sharding changes only the order of float32 sums, so the states agree to float32 rounding.

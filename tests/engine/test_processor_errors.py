@@ -5,9 +5,9 @@ import numpy as np
 import psutil
 import pytest
 
-import engine.processor
+import engine.parallel.processor
 from engine import (NetworkState, NonFiniteLossError, ParallelBatchProcessor, WorkerError)
-from engine.shm import blocks_of
+from engine.parallel.shm import blocks_of
 from models import MLP
 
 
@@ -107,8 +107,8 @@ def test_a_missing_model_is_reported_with_what_to_pass(blobs, model):
 
 
 def test_more_processes_than_cores_warns_once(monkeypatch, model):
-    monkeypatch.setattr(engine.processor, "_warned_oversubscription", False)
-    monkeypatch.setattr(engine.processor, "usable_cores", lambda: 1)
+    monkeypatch.setattr(engine.parallel.processor, "_warned_oversubscription", False)
+    monkeypatch.setattr(engine.parallel.processor, "usable_cores", lambda: 1)
     with pytest.warns(RuntimeWarning, match="more than the 1 usable cores"):
         ParallelBatchProcessor(model, num_processes=2, batch_size=50)
     import warnings

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from engine.shm import SHM_DIRECTORY, SharedBlock, blocks_of, sweep_orphaned_blocks
+from engine.parallel.shm import SHM_DIRECTORY, SharedBlock, blocks_of, sweep_orphaned_blocks
 
 
 def test_block_is_named_after_its_owner_and_private_to_it():
@@ -40,7 +40,7 @@ def test_attached_view_sees_the_owners_writes():
 
 
 def test_sweep_removes_blocks_of_a_dead_owner_and_keeps_live_ones():
-    code = ("import sys; sys.path.insert(0, %r); from engine.shm import SharedBlock; "
+    code = ("import sys; sys.path.insert(0, %r); from engine.parallel.shm import SharedBlock; "
             "b = SharedBlock.create('orphan', 64); print(b.name); import os; os._exit(0)"
             % os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     orphan = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

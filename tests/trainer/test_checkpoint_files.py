@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from engine import NetworkState
-from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.training.checkpoint import load_checkpoint, save_checkpoint
 from models import MLP
 
 

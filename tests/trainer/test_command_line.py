@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from engine.checkpoint import load_checkpoint
-from engine.cli import main
+from engine.training.checkpoint import load_checkpoint
+from engine.cli.main import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REPORT_FILES = {"results.json", "classification_report.txt", "confusion_matrix.png",

@@ -3,10 +3,10 @@ import h5py
 import numpy as np
 import pytest
 
-from engine.config import DEFAULTS
-from engine.datasets import (DataError, Standardizer, Subset, check_every_class, check_features,
+from engine.cli.config import DEFAULTS
+from engine.training.datasets import (DataError, Standardizer, Subset, check_every_class, check_features,
                              load_dataset, stratified_split, take)
-from engine.jobs import prepare_data
+from engine.cli.jobs import prepare_data
 
 
 def test_a_folder_of_npy_files_is_memory_mapped(data_folder, blobs):

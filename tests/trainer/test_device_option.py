@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from engine import fit
-from engine.cli import main
+from engine.cli.main import main
 from models import MLP
 
 

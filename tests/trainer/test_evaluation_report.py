@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from engine.history import History
-from engine.reports import classification_metrics, write_report
+from engine.training.history import History
+from engine.cli.reports import classification_metrics, write_report
 
 # Six examples, three classes; predictions (argmax) are 0, 1, 1, 1, 2, 0.
 Y_TRUE = np.array([0, 0, 1, 1, 2, 2])

@@ -4,10 +4,10 @@ import pytest
 from sklearn.utils.class_weight import compute_class_weight
 
 from engine import ParallelBatchProcessor
-from engine.callbacks import EarlyStopping
-from engine.datasets import DataError
-from engine.schedules import StepDecay
-from engine.trainer import Trainer, evaluate, fit
+from engine.training.callbacks import EarlyStopping
+from engine.training.datasets import DataError
+from engine.training.schedules import StepDecay
+from engine.training.trainer import Trainer, evaluate, fit
 from models import MLP, FocalLoss
 
 

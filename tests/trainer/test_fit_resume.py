@@ -9,10 +9,10 @@ import os
 import numpy as np
 import pytest
 
-from engine.callbacks import Callback, EarlyStopping
-from engine.checkpoint import load_checkpoint
-from engine.schedules import ReduceLROnPlateau, WarmupCosine
-from engine.trainer import fit
+from engine.training.callbacks import Callback, EarlyStopping
+from engine.training.checkpoint import load_checkpoint
+from engine.training.schedules import ReduceLROnPlateau, WarmupCosine
+from engine.training.trainer import fit
 from models import MLP, FocalLoss
 
 
@@ -82,7 +82,7 @@ def test_training_4_epochs_then_4_more_matches_8_with_a_plateau_schedule(blobs, 
 
 
 def test_early_stoppings_best_state_survives_a_resume(blobs, tmp_path, quiet_fit):
-    from engine.callbacks import ModelCheckpoint
+    from engine.training.callbacks import ModelCheckpoint
 
     def run(crash_at, resume=None):
         # min_delta so large that epoch 1 stays the best: the result must be epoch 1's state,

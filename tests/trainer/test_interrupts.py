@@ -10,8 +10,8 @@ import numpy as np
 import psutil
 import pytest
 
-from engine.checkpoint import load_checkpoint
-from engine.shm import blocks_of
+from engine.training.checkpoint import load_checkpoint
+from engine.parallel.shm import blocks_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

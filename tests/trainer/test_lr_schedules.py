@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from engine.schedules import (Constant, ReduceLROnPlateau, StepDecay, WarmupCosine,
+from engine.training.schedules import (Constant, ReduceLROnPlateau, StepDecay, WarmupCosine,
                               make_schedule)
 
 

@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from engine.callbacks import CSVLogger, EarlyStopping, ModelCheckpoint, ProgressBar, TensorBoard
-from engine.checkpoint import load_checkpoint
-from engine.history import History
-from engine.trainer import fit
+from engine.training.callbacks import CSVLogger, EarlyStopping, ModelCheckpoint, ProgressBar, TensorBoard
+from engine.training.checkpoint import load_checkpoint
+from engine.training.history import History
+from engine.training.trainer import fit
 from models import MLP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -148,7 +148,7 @@ def test_tensorboard_writes_a_scalar_per_log_key_per_epoch(tmp_path):
 
 def test_tensorboard_never_imports_tensorflow(tmp_path):
     pytest.importorskip("tensorboard")
-    code = ("import sys; from engine.callbacks import TensorBoard; from engine.history import "
+    code = ("import sys; from engine.training.callbacks import TensorBoard; from engine.training.history import "
             "History\nclass T: history = History()\ncallback = TensorBoard(sys.argv[1]); "
             "callback.trainer = T(); callback.on_train_begin(); callback.on_epoch_end(0, "
             "{'loss': 1.0}); callback.on_train_end(); print('tensorflow' in sys.modules)")

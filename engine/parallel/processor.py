@@ -5,20 +5,21 @@ import warnings
 
 import numpy as np
 
-from engine import kernels, memory, signals
-from engine import workspace as ws
-from engine import worker as ops
-from engine.errors import NonFiniteLossError
-from engine.kernels import clip_scale
-from engine.optim import make_optimizer
-from engine.pool import WorkerPool, default_start_method
-from engine.shm import sweep_orphaned_blocks
-from engine.state import NetworkState
-from engine.sync import partition, shard_coefficients, split_batch
-from engine.system import usable_cores
-from engine.validation import (check_data, check_learning_rate, check_model, check_params,
+from engine.core import kernels
+from engine.parallel import memory, signals
+from engine.parallel import workspace as ws
+from engine.parallel import worker as ops
+from engine.core.errors import NonFiniteLossError
+from engine.core.kernels import clip_scale
+from engine.core.optim import make_optimizer
+from engine.parallel.pool import WorkerPool, default_start_method
+from engine.parallel.shm import sweep_orphaned_blocks
+from engine.core.state import NetworkState
+from engine.core.sharding import partition, shard_coefficients, split_batch
+from engine.parallel.system import usable_cores
+from engine.core.validation import (check_data, check_learning_rate, check_model, check_params,
                                check_processor_options, check_state)
-from engine.workspace import DataArrays, Workspace
+from engine.parallel.workspace import DataArrays, Workspace
 
 _warned_oversubscription = False
 

@@ -180,4 +180,4 @@ def make_schedule(name, learning_rate, *, epochs, warmup_epochs=0, step_epochs=1
         return ReduceLROnPlateau(learning_rate, monitor=monitor, factor=factor, patience=patience,
                                  min_learning_rate=min_learning_rate)
     raise ValueError(f"unknown schedule {name!r}. Known schedules: {list(SCHEDULE_NAMES)}, or pass "
-                     "an engine.schedules.Schedule object.")
+                     "an engine.training.schedules.Schedule object.")

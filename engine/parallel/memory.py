@@ -11,8 +11,8 @@ import warnings
 
 import psutil
 
-from engine.errors import InsufficientMemoryError
-from engine.system import available_memory_bytes
+from engine.core.errors import InsufficientMemoryError
+from engine.parallel.system import available_memory_bytes
 
 WORKER_BASELINE_BYTES = 64 << 20
 _PRIVATE_STATE_COPIES = 4  # gradient dict, flattened copy, local views, allocator slack

@@ -20,15 +20,15 @@ import warnings
 
 import numpy as np
 
-from engine.callbacks import CSVLogger, ModelCheckpoint, ProgressBar
-from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.datasets import (Feed, Standardizer, Subset, as_labels, check_every_class,
+from engine.training.callbacks import CSVLogger, ModelCheckpoint, ProgressBar
+from engine.training.checkpoint import load_checkpoint, save_checkpoint
+from engine.training.datasets import (Feed, Standardizer, Subset, as_labels, check_every_class,
                              check_features, check_labels, describe, stratified_split)
-from engine.history import History, merge_results
+from engine.training.history import History, merge_results
 from engine.backends.device import make_processor
-from engine.processor import ParallelBatchProcessor
-from engine.schedules import Schedule, make_schedule
-from engine.system import available_memory_bytes, usable_cores
+from engine.parallel.processor import ParallelBatchProcessor
+from engine.training.schedules import Schedule, make_schedule
+from engine.parallel.system import available_memory_bytes, usable_cores
 
 __all__ = ["Trainer", "fit", "evaluate", "make_loss"]
 
@@ -43,12 +43,12 @@ class Trainer:
         batch_size: examples per optimizer step (all processes together; times ``grad_accum``).
         num_processes, sync, update_interval, optimizer, seed: as for ParallelBatchProcessor.
         learning_rate: the base rate. schedule: "constant", "step", "warmup-cosine", "plateau"
-            (defaults of ``make_schedule``) or an ``engine.schedules.Schedule`` (its own rate).
+            (defaults of ``make_schedule``) or an ``engine.training.schedules.Schedule`` (its own rate).
         loss: None or "cross_entropy", "focal", or a ``models.losses`` object; a
             ``class_weight="balanced"`` in it is resolved from the training labels (scikit-learn).
         clip_norm: clip each step's gradient to this global norm (None: no clipping).
         grad_accum: K: one step per K x batch_size examples, run in micro-batches of batch_size.
-        callbacks: ``engine.callbacks`` objects. output_dir: if set, also write history.csv,
+        callbacks: ``engine.training.callbacks`` objects. output_dir: if set, also write history.csv,
             checkpoints/last.h5 (every epoch, for resume), checkpoints/best.h5 (best val_loss)
             and, at the end, model.h5 (the trained state that ``fit`` returns) there.
         standardize: scale features by training-split mean and std (kept in checkpoints).
@@ -71,7 +71,7 @@ class Trainer:
             raise ValueError(f"clip_norm must be a positive number or None. Received: "
                              f"clip_norm={clip_norm!r}.")
         if not isinstance(schedule, (str, Schedule)):
-            raise TypeError(f"schedule must be a name or an engine.schedules.Schedule. Received: "
+            raise TypeError(f"schedule must be a name or an engine.training.schedules.Schedule. Received: "
                             f"{schedule!r}.")
         # The model and loss as given; fit() resolves class weights from its own training labels.
         self._base_model, self._loss_spec = model, make_loss(loss)
@@ -165,7 +165,7 @@ class Trainer:
                         batch_size=self.processor_options["batch_size"])
 
     def save_checkpoint(self, path):
-        """Write a resumable checkpoint of the current epoch (atomic; see engine.checkpoint).
+        """Write a resumable checkpoint of the current epoch (atomic; see engine.training.checkpoint).
 
         With an output_dir, checkpoints/last.h5 is written after every epoch: Ctrl-C or SIGTERM
         (SystemExit while workers run) leaves the last completed epoch there for ``resume``."""

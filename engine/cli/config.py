@@ -9,7 +9,7 @@ import math
 import os
 import time
 
-from engine.schedules import make_schedule
+from engine.training.schedules import make_schedule
 
 __all__ = ["DEFAULTS", "parse_model_args", "build_model", "build_loss", "build_schedule",
            "build_callbacks", "default_output_dir"]
@@ -79,7 +79,7 @@ def build_model(name, model_args, feature_shape, num_classes):
 
 def build_loss(config):
     """The loss object (or None: plain cross-entropy) the configuration asks for."""
-    from engine.trainer import make_loss
+    from engine.training.trainer import make_loss
     if config["loss"] not in ("ce", "focal"):
         raise ValueError(f"loss must be 'ce' or 'focal'. Received: {config['loss']!r}.")
     if config["class_weights"] not in (None, "balanced"):
@@ -100,7 +100,7 @@ def build_schedule(config):
 def build_callbacks(config, output_dir):
     """EarlyStopping, periodic checkpoints and TensorBoard as configured (the trainer adds the
     CSV log, last/best checkpoints and the progress bar itself)."""
-    from engine.callbacks import EarlyStopping, ModelCheckpoint, TensorBoard
+    from engine.training.callbacks import EarlyStopping, ModelCheckpoint, TensorBoard
     callbacks = []
     if config["early_stopping"]:
         callbacks.append(EarlyStopping(monitor=config["monitor"], patience=config["early_stopping"],

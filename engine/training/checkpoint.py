@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.state import NetworkState, check_format
+from engine.core.state import NetworkState, check_format
 
 FORMAT_NAME = "engine.Checkpoint"
 FORMAT_VERSION = 1

@@ -25,10 +25,10 @@ import traceback
 
 import numpy as np
 
-from engine import workspace as ws
-from engine.faults import strike
-from engine.kernels import sum_squares, weighted_mean_into
-from engine.state import NetworkState
+from engine.parallel import workspace as ws
+from engine.parallel.faults import strike
+from engine.core.kernels import sum_squares, weighted_mean_into
+from engine.core.state import NetworkState
 
 (COMPUTE, REDUCE, UPDATE, REDUCE_UPDATE, LOCAL_STEP, AVERAGE, EVALUATE, ATTACH_DATA,
  STOP) = range(9)
@@ -93,7 +93,7 @@ class WorkerCore:
         self._run_timed(self._compute)
 
     def _strike(self, op_name):
-        if self.faults:  # test-only fault injection (engine.faults)
+        if self.faults:  # test-only fault injection (engine.parallel.faults)
             strike(self.faults, op_name, int(self.work.control[ws.STEP]))
 
     def _compute(self):
@@ -302,7 +302,7 @@ def worker_main(worker_id, spec, command_pipe, answer_pipe):
     """Entry point of a worker process: attach, then serve operations until STOP or owner death."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     log = _log_stderr(spec["log_path"])  # noqa: F841 - stays open while the worker lives
-    from engine.system import keep_freed_memory, limit_threads
+    from engine.parallel.system import keep_freed_memory, limit_threads
     thread_limit = limit_threads(spec["threads"])  # noqa: F841 - the limit lasts while it lives
     keep_freed_memory()
     command_fd, answer_fd = command_pipe.fileno(), answer_pipe.fileno()

@@ -16,7 +16,7 @@ With ``shared=False`` the same arrays are ordinary numpy memory (the in-process 
 """
 import numpy as np
 
-from engine.shm import SharedBlock
+from engine.parallel.shm import SharedBlock
 
 # Global control fields (float64 array ``control``), written by the owner before it signals an op.
 LEARNING_RATE, STEP, SCALE, SEED, REFRESH, MICRO_BATCH, PARITY = range(7)

@@ -12,8 +12,8 @@ import json
 import sys
 import warnings
 
-from engine.config import DEFAULTS, parse_model_args
-from engine.errors import EngineError
+from engine.cli.config import DEFAULTS, parse_model_args
+from engine.core.errors import EngineError
 
 __all__ = ["main", "build_parser"]
 
@@ -151,7 +151,7 @@ def _train_config(args):
         given["model_args"] = parse_model_args(given["model_args"])
     config = dict(DEFAULTS)
     if given.get("resume"):
-        from engine.checkpoint import load_checkpoint
+        from engine.training.checkpoint import load_checkpoint
         saved = load_checkpoint(given["resume"]).metadata.get("config")
         if saved is None:
             raise ValueError(f"{given['resume']!r} was not written by 'engine train' (no "
@@ -162,18 +162,18 @@ def _train_config(args):
 
 
 def _train(args):
-    from engine.jobs import run_train
+    from engine.cli.jobs import run_train
     run_train(_train_config(args))
 
 
 def _evaluate(args):
-    from engine.jobs import run_evaluate
+    from engine.cli.jobs import run_evaluate
     run_evaluate(args.checkpoint, data=args.data, split=args.split, output_dir=args.output_dir,
                  workers=args.workers)
 
 
 def _info(args):
-    from engine.jobs import system_info
+    from engine.cli.jobs import system_info
     info = system_info(probe_tensorflow=args.probe_tensorflow)
     if args.json:
         print(json.dumps(info, indent=2))

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.checkpoint import load_checkpoint
-from engine.config import (build_callbacks, build_loss, build_model, build_schedule,
+from engine.training.checkpoint import load_checkpoint
+from engine.cli.config import (build_callbacks, build_loss, build_model, build_schedule,
                            default_output_dir, to_json)
-from engine.datasets import (DataError, Dataset, Standardizer, Subset, check_every_class,
+from engine.training.datasets import (DataError, Dataset, Standardizer, Subset, check_every_class,
                              check_features, check_labels, load_dataset, stratified_split)
-from engine.reports import write_report
-from engine.system import available_memory_bytes, usable_cores
-from engine.trainer import Trainer, evaluate
+from engine.cli.reports import write_report
+from engine.parallel.system import available_memory_bytes, usable_cores
+from engine.training.trainer import Trainer, evaluate
 
 __all__ = ["prepare_data", "run_train", "run_evaluate", "system_info"]
 
@@ -49,7 +49,7 @@ class PreparedData:
 
 def _load(config):
     if config["data"] is None:
-        from engine.data import load_mnist1d
+        from engine.training.data import load_mnist1d
         x, y, x_test, y_test = load_mnist1d()
         return Dataset(x, y, MNIST1D, x_test, y_test, None, MNIST1D, MNIST1D + " test")
     return load_dataset(config["data"], x_key=config["x_key"], y_key=config["y_key"])
@@ -94,7 +94,7 @@ def prepare_data(config, *, check_training=True):
 
 
 def run_train(config, *, out=None):
-    """Train as ``config`` says (see engine.config.DEFAULTS) and write the results folder.
+    """Train as ``config`` says (see engine.cli.config.DEFAULTS) and write the results folder.
 
     Returns the metrics written to results.json.
     """

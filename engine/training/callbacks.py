@@ -16,7 +16,7 @@ import math
 import os
 import sys
 
-from engine.schedules import is_improvement, monitor_mode
+from engine.training.schedules import is_improvement, monitor_mode
 
 __all__ = ["Callback", "ModelCheckpoint", "EarlyStopping", "CSVLogger", "TensorBoard",
            "ProgressBar"]
@@ -161,7 +161,7 @@ class EarlyStopping(Callback):
 
     def set_arrays(self, arrays):
         if "best_state" in arrays:
-            from engine.state import NetworkState
+            from engine.core.state import NetworkState
             self.best_state = NetworkState.from_buffer(self.trainer.state.layout,
                                                        arrays["best_state"].astype("float32"))
 

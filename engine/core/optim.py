@@ -13,7 +13,7 @@ state.
 """
 from dataclasses import dataclass
 
-from engine import kernels
+from engine.core import kernels
 
 
 @dataclass(frozen=True)

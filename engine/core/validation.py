@@ -98,7 +98,7 @@ def check_learning_rate(learning_rate, step=None):
 
 
 def check_state(state, expected_layout, what="initial_state"):
-    from engine.state import NetworkState
+    from engine.core.state import NetworkState
     if not isinstance(state, NetworkState):
         raise TypeError(f"{what} must be a NetworkState. Received: {type(state).__name__}. Build one "
                         "with model.init_state(seed) or NetworkState.load(path).")

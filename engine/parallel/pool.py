@@ -22,9 +22,9 @@ from contextlib import contextmanager
 
 import multiprocess
 
-from engine.errors import WorkerCrashedError, WorkerError, WorkerTimeoutError
-from engine.faults import parse_faults
-from engine.worker import ATTACH_DATA, FAILED, STOP, receive_message, send_message, worker_main
+from engine.core.errors import WorkerCrashedError, WorkerError, WorkerTimeoutError
+from engine.parallel.faults import parse_faults
+from engine.parallel.worker import ATTACH_DATA, FAILED, STOP, receive_message, send_message, worker_main
 
 _STARTUP_TIMEOUT_S = 300.0
 _JOIN_TIMEOUT_S = 3.0
@@ -93,7 +93,7 @@ class _Worker:
 
 
 class WorkerPool:
-    """``num_workers`` processes running :func:`engine.worker.worker_main` on a shared workspace.
+    """``num_workers`` processes running :func:`engine.parallel.worker.worker_main` on a shared workspace.
 
     Args:
         spec: what every worker needs (model, layout, optimizer, workspace spec, threads, ...).

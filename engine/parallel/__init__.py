@@ -1,0 +1,1 @@
+"""Processes and shared memory: blocks, workspace, workers, the pool and the processor."""

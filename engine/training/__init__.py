@@ -1,0 +1,1 @@
+"""fit/evaluate over a processor: trainer, callbacks, schedules, history, checkpoints, data."""
