@@ -1,7 +1,7 @@
 """CNN1D: strided 1-D convolutions then one Dense layer; by default the MNIST-1D paper's ConvBase."""
 import numpy as np
 
-from models.layer_base import check_num_classes, check_positive_int, is_positive_int
+from models.layers.base import check_num_classes, check_positive_int, is_positive_int
 from models.layers import BatchNorm, Conv1D, Dense, Flatten, ReLU, Reshape
 from models.sequential import Sequential
 

@@ -3,7 +3,7 @@ import numbers
 
 import numpy as np
 
-from models.layer_base import check_num_classes, is_positive_int
+from models.layers.base import check_num_classes, is_positive_int
 from models.layers import BatchNorm, Dense, Dropout, ReLU
 from models.sequential import Sequential
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 
 from engine.core.state import NetworkState
-from models.layer_base import Layer, is_positive_int
+from models.layers.base import Layer, is_positive_int
 from models.layers import softmax, softmax_cross_entropy
 
 # predict() and loss() run this many examples at a time, so evaluating a whole data set does not

@@ -1,5 +1,5 @@
 """SoftmaxRegression: multinomial logistic regression, the convex baseline."""
-from models.layer_base import check_num_classes, check_positive_int
+from models.layers.base import check_num_classes, check_positive_int
 from models.layers import Dense
 from models.sequential import Sequential
 

@@ -8,7 +8,7 @@ each over all positions at once).
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from models.layer_base import Layer, check_init, check_positive_int, initial_kernel
+from models.layers.base import Layer, check_init, check_positive_int, initial_kernel
 
 
 class Conv1D(Layer):

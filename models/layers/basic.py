@@ -1,18 +1,13 @@
-"""Layers with a numpy forward and backward pass, and the softmax cross-entropy loss.
-
-The layer contract (``forward``/``backward``/``updated_theta``) is documented in
-``models.layer_base``; Conv1D lives in ``models.conv`` and is re-exported here.
-"""
+"""Dense, activations, Dropout, reshaping, BatchNorm, and the softmax cross-entropy loss."""
 import math
 import numbers
 
 import numpy as np
 
-from models.conv import Conv1D
-from models.layer_base import Layer, check_init, check_positive_int, initial_kernel
+from models.layers.base import Layer, check_init, check_positive_int, initial_kernel
 
-__all__ = ["Layer", "Dense", "ReLU", "Dropout", "Reshape", "Flatten", "BatchNorm", "Conv1D",
-           "softmax", "softmax_cross_entropy"]
+__all__ = ["Dense", "ReLU", "Dropout", "Reshape", "Flatten", "BatchNorm", "softmax",
+           "softmax_cross_entropy"]
 
 
 class Dense(Layer):
