@@ -14,10 +14,11 @@ from engine.core.state import NetworkState
 from engine.parallel.processor import ParallelBatchProcessor
 from engine.parallel.system import usable_cores
 from engine.training.history import History
+from engine.training.inference import Predictor
 from engine.training.trainer import Trainer, evaluate, fit
 
 __all__ = ["Adam", "AdamW", "EngineError", "InsufficientMemoryError", "NetworkState",
            "NonFiniteLossError", "ParallelBatchProcessor", "SGD", "WorkerCrashedError",
            "WorkerError", "WorkerTimeoutError", "usable_cores", "History", "Trainer", "evaluate",
-           "fit"]
+           "fit", "Predictor"]
 __version__ = "0.1.0"

@@ -139,6 +139,8 @@ def build_parser():
     info.add_argument("--json", action="store_true", help="print JSON")
     info.add_argument("--no-tensorflow", dest="probe_tensorflow", action="store_false",
                       help="do not start TensorFlow (in a child process) to list its GPUs")
+    from engine.cli.predict import add_predict_command
+    add_predict_command(commands)
     models = commands.add_parser("models", help="registered models and their arguments",
                                  description="The model names --model takes, with arguments.")
     models.add_argument("--json", action="store_true", help="print JSON")
@@ -170,6 +172,11 @@ def _evaluate(args):
     from engine.cli.jobs import run_evaluate
     run_evaluate(args.checkpoint, data=args.data, split=args.split, output_dir=args.output_dir,
                  workers=args.workers)
+
+
+def _predict(args):
+    from engine.cli.predict import run_predict
+    run_predict(args.checkpoint, args.data, args.output, x_key=args.x_key, workers=args.workers)
 
 
 def _info(args):
@@ -224,7 +231,8 @@ def _one_line_warning(command):
 def main(argv=None):
     """Run one command; returns the exit status."""
     args = build_parser().parse_args(argv)
-    handler = {"train": _train, "evaluate": _evaluate, "info": _info, "models": _models}
+    handler = {"train": _train, "evaluate": _evaluate, "info": _info, "models": _models,
+               "predict": _predict}
     try:
         with warnings.catch_warnings():  # one line per warning, no source line under it
             warnings.showwarning = _one_line_warning(args.command)
