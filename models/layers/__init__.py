@@ -1,12 +1,19 @@
 """Layers with a forward and a backward pass (float32, numpy BLAS plus numba kernels).
 
 The layer contract (``forward``/``backward``/``updated_theta``) is documented in
-``models.layers.base``; each module holds one family of layers.
+``models.layers.base``; each module holds one family of layers. The recurrent layers (LSTM, GRU,
+Bidirectional) live in ``models.layers.recurrent``.
 """
-from models.layers.base import Layer
-from models.layers.basic import (BatchNorm, Dense, Dropout, Flatten, ReLU, Reshape, softmax,
-                                 softmax_cross_entropy)
+from models.layers.attention import AttentionPooling, MultiHeadSelfAttention
+from models.layers.base import Layer, MergeLayer
+from models.layers.basic import (BatchNorm, BinaryLogits, Dense, Dropout, Flatten, ReLU, Reshape,
+                                 softmax, softmax_cross_entropy)
 from models.layers.conv import Conv1D
+from models.layers.merge import Add, Concatenate
+from models.layers.norm import LayerNorm
+from models.layers.pooling import GlobalAveragePooling1D, MaxPool1D
 
-__all__ = ["Layer", "Dense", "ReLU", "Dropout", "Reshape", "Flatten", "BatchNorm", "Conv1D",
-           "softmax", "softmax_cross_entropy"]
+__all__ = ["Layer", "MergeLayer", "Dense", "ReLU", "Dropout", "Reshape", "Flatten", "BatchNorm",
+           "BinaryLogits", "Conv1D", "MaxPool1D", "GlobalAveragePooling1D", "LayerNorm",
+           "AttentionPooling", "MultiHeadSelfAttention", "Add", "Concatenate", "softmax",
+           "softmax_cross_entropy"]

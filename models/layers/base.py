@@ -7,6 +7,7 @@ model is a small picklable object and one model can run any number of states:
     dx, grads = layer.backward(weights, cache, dy, need_input_grad=True)
     new_theta = layer.updated_theta(theta, cache)      # only layers with theta (BatchNorm)
 
+Layers with several inputs (``MergeLayer``) take and return lists; only ``models.Graph`` runs them.
 ``weights``/``theta``/``grads`` are dicts keyed by local names ("kernel", "bias", ...); the container
 prefixes them ("dense_0/kernel"). The maths runs in the dtype of its inputs, so float32 stays
 float32 (no Python-side float64 scalars) and float64 works for finite-difference tests.
@@ -84,6 +85,25 @@ class Layer:
     def __repr__(self):
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"
+
+
+class MergeLayer(Layer):
+    """Base class of layers with several inputs (Add, Concatenate), for ``models.Graph``.
+
+    The same contract with lists: ``output_shape(input_shapes)``, ``forward(xs, ...)`` and
+    ``backward(...)`` returning one input gradient per input (None each when not needed).
+    """
+
+    kind = "merge"
+
+    def output_shape(self, input_shapes):
+        raise NotImplementedError
+
+    def weight_shapes(self, input_shapes):
+        return {}
+
+    def theta_shapes(self, input_shapes):
+        return {}
 
 
 def check_num_classes(value):

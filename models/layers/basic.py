@@ -6,7 +6,7 @@ import numpy as np
 
 from models.layers.base import Layer, check_init, check_positive_int, initial_kernel
 
-__all__ = ["Dense", "ReLU", "Dropout", "Reshape", "Flatten", "BatchNorm", "softmax",
+__all__ = ["Dense", "ReLU", "Dropout", "Reshape", "Flatten", "BatchNorm", "BinaryLogits", "softmax",
            "softmax_cross_entropy"]
 
 
@@ -16,13 +16,20 @@ class Dense(Layer):
     Args:
         units: number of outputs.
         init: "he" (default, before a ReLU) or "glorot".
+        activation: None or ``"relu"``, applied in place after the bias (Keras's
+            ``Dense(activation="relu")``).
     """
 
     kind = "dense"
+    activation = None  # a class default, so models pickled before it existed still load
 
-    def __init__(self, units, *, init="he"):
+    def __init__(self, units, *, init="he", activation=None):
         self.units = check_positive_int(units, "units")
         self.init = check_init(init)
+        if activation not in (None, "relu"):
+            raise ValueError(f"activation must be None or 'relu'. Received: activation="
+                             f"{activation!r}. Add other activations as their own layer.")
+        self.activation = activation
 
     def output_shape(self, input_shape):
         if len(input_shape) != 1:
@@ -42,10 +49,17 @@ class Dense(Layer):
     def forward(self, x, weights, theta, *, training=False, rng=None):
         y = x @ weights["kernel"]
         y += weights["bias"]
+        if self.activation == "relu":
+            np.maximum(y, 0, out=y)
+            return y, (x, y)
         return y, x
 
     def backward(self, weights, cache, dy, *, need_input_grad=True):
-        x = cache
+        if self.activation == "relu":
+            x, y = cache
+            dy = dy * (y > 0)
+        else:
+            x = cache
         # x.T and kernel.T are strided views: BLAS reads them transposed, nothing is copied.
         grads = {"kernel": x.T @ dy, "bias": dy.sum(axis=0)}
         return (dy @ weights["kernel"].T if need_input_grad else None), grads
@@ -198,6 +212,25 @@ class BatchNorm(Layer):
         m = self.momentum
         return {"running_mean": m * theta["running_mean"] + (1.0 - m) * cache["mean"],
                 "running_var": m * theta["running_var"] + (1.0 - m) * cache["var"]}
+
+
+class BinaryLogits(Layer):
+    """A one-unit sigmoid head as two-class logits: z -> [0, z], so softmax gives [1 - s(z), s(z)]
+    and softmax cross-entropy equals binary cross-entropy (Keras's ``Dense(1, "sigmoid")``)."""
+
+    kind = "binary_logits"
+
+    def output_shape(self, input_shape):
+        if tuple(input_shape) != (1,):
+            raise ValueError(f"BinaryLogits takes one logit per example, shape (n, 1). Received "
+                             f"input_shape={tuple(input_shape)!r}. Put Dense(1) before it.")
+        return (2,)
+
+    def forward(self, x, weights, theta, *, training=False, rng=None):
+        return np.concatenate([np.zeros_like(x), x], axis=1), None
+
+    def backward(self, weights, cache, dy, *, need_input_grad=True):
+        return (dy[:, 1:].copy() if need_input_grad else None), {}
 
 
 def softmax(logits):

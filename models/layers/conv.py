@@ -1,51 +1,73 @@
-"""Conv1D on channels-last inputs, as im2col plus one matrix multiply.
+"""Conv1D on channels-last inputs: im2col, one BLAS GEMM, fused bias + ReLU (numba kernels).
 
 im2col gathers every receptive field into one row of a (n * out_length, kernel_size * channels)
-matrix, so the convolution is a single BLAS call instead of a Python loop over positions. The
-backward pass scatters the column gradients back with one strided add per kernel tap (3 or 5 adds,
-each over all positions at once).
+matrix, so the convolution is a single GEMM instead of a loop over positions; the kernels in
+``conv_kernels`` write that matrix (padding included) and scatter its gradient back in one pass
+each. The kernel has the Keras layout (kernel_size, channels, filters), so Keras weights load as-is.
 """
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from models.layers.base import Layer, check_init, check_positive_int, initial_kernel
+from models.layers.conv_kernels import (activation_grad_into, bias_activation_into, col2im_into,
+                                        im2col_into)
+
+_ACTIVATIONS = (None, "relu")
+
+
+def _check_padding(padding):
+    if padding in ("same", "valid"):
+        return padding
+    if isinstance(padding, bool) or not isinstance(padding, (int, np.integer)) or padding < 0:
+        raise ValueError(f"padding must be 'same', 'valid' or a non-negative int (zeros on each "
+                         f"side). Received: padding={padding!r}.")
+    return int(padding)
 
 
 class Conv1D(Layer):
     """1-D convolution of (n, length, channels) inputs into (n, out_length, filters).
 
-    ``out_length = (length + 2 * padding - kernel_size) // stride + 1``; padding adds zeros on both
-    sides. The kernel has shape (kernel_size, channels, filters), the Keras layout.
-
     Args:
         filters: number of output channels.
         kernel_size: width of the receptive field.
-        stride: step between receptive fields.
-        padding: zeros added on each side of the length axis (an int, as in PyTorch).
+        stride: step between receptive fields (Keras's ``strides``).
+        padding: ``"valid"`` (none), ``"same"`` (Keras/TensorFlow: ``out_length = ceil(length /
+            stride)``, the odd zero on the right), or an int of zeros on each side (PyTorch).
+        activation: None or ``"relu"``, fused into the bias pass (Keras's ``activation="relu"``).
         init: "he" (default, before a ReLU) or "glorot".
     """
 
     kind = "conv1d"
 
-    def __init__(self, filters, kernel_size, *, stride=1, padding=0, init="he"):
+    def __init__(self, filters, kernel_size, *, stride=1, padding=0, activation=None, init="he"):
         self.filters = check_positive_int(filters, "filters")
         self.kernel_size = check_positive_int(kernel_size, "kernel_size")
         self.stride = check_positive_int(stride, "stride")
-        if isinstance(padding, bool) or not isinstance(padding, (int, np.integer)) or padding < 0:
-            raise ValueError(f"padding must be a non-negative int. Received: padding={padding!r}.")
-        self.padding = int(padding)
+        self.padding = _check_padding(padding)
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {_ACTIVATIONS}. Received: "
+                             f"activation={activation!r}. Add the activation as its own layer.")
+        self.activation = activation
         self.init = check_init(init)
+
+    def _pads(self, length):
+        """(zeros on the left, output length) for an input of ``length``."""
+        if self.padding == "same":
+            out_length = -(-length // self.stride)
+            total = max((out_length - 1) * self.stride + self.kernel_size - length, 0)
+            return total // 2, out_length
+        pad = 0 if self.padding == "valid" else self.padding
+        return pad, (length + 2 * pad - self.kernel_size) // self.stride + 1
 
     def output_shape(self, input_shape):
         if len(input_shape) != 2:
             raise ValueError(f"Conv1D expects channels-last inputs of shape (n, length, channels). "
                              f"Received input_shape={tuple(input_shape)!r} (without the batch axis).")
-        length = input_shape[0] + 2 * self.padding - self.kernel_size
-        if length < 0:
-            raise ValueError(f"Conv1D with kernel_size={self.kernel_size} and padding={self.padding} "
-                             f"does not fit an input of length {input_shape[0]}. Use a smaller "
-                             "kernel, more padding, or fewer strided layers before it.")
-        return (length // self.stride + 1, self.filters)
+        _, out_length = self._pads(input_shape[0])
+        if out_length < 1:
+            raise ValueError(f"Conv1D with kernel_size={self.kernel_size} and padding="
+                             f"{self.padding!r} does not fit an input of length {input_shape[0]}. "
+                             "Use a smaller kernel, more padding, or fewer strided layers before it.")
+        return (out_length, self.filters)
 
     def weight_shapes(self, input_shape):
         return {"kernel": (self.kernel_size, input_shape[1], self.filters), "bias": (self.filters,)}
@@ -56,38 +78,27 @@ class Conv1D(Layer):
                                 self.kernel_size * self.filters, self.init, rng)
         return {"kernel": kernel, "bias": np.zeros(self.filters, dtype=np.float32)}
 
-    def _columns(self, x):
-        """(n, length, channels) -> (n * out_length, kernel_size * channels), tap-major rows."""
-        if self.padding:  # (np.pad does the same with ~20 us more Python overhead per call)
-            padded = np.zeros((x.shape[0], x.shape[1] + 2 * self.padding, x.shape[2]), x.dtype)
-            padded[:, self.padding:self.padding + x.shape[1]] = x
-            x = padded
-        windows = sliding_window_view(x, self.kernel_size, axis=1)[:, ::self.stride]
-        n, out_length, channels, _ = windows.shape
-        # Tap-major (kernel_size, channels) order matches the kernel's layout; this reshape of a
-        # strided view is the one copy im2col needs.
-        return windows.transpose(0, 1, 3, 2).reshape(n * out_length, -1), out_length
-
     def forward(self, x, weights, theta, *, training=False, rng=None):
-        columns, out_length = self._columns(x)
+        x = np.ascontiguousarray(x)
+        n, length, channels = x.shape
+        pad_left, out_length = self._pads(length)
+        columns = np.empty((n * out_length, self.kernel_size * channels), x.dtype)
+        im2col_into(columns, x, self.kernel_size, self.stride, pad_left)
         y = columns @ weights["kernel"].reshape(-1, self.filters)
-        y += weights["bias"]
-        return y.reshape(x.shape[0], out_length, self.filters), (columns, x.shape)
+        bias_activation_into(y, weights["bias"], self.activation == "relu")
+        cache = (columns, x.shape, y if self.activation else None)
+        return y.reshape(n, out_length, self.filters), cache
 
     def backward(self, weights, cache, dy, *, need_input_grad=True):
-        columns, input_shape = cache
-        n, length, channels = input_shape
-        dy_rows = dy.reshape(-1, self.filters)
-        grads = {"kernel": (columns.T @ dy_rows).reshape(weights["kernel"].shape),
-                 "bias": dy_rows.sum(axis=0)}
+        columns, input_shape, y = cache
+        dy_rows = np.ascontiguousarray(dy).reshape(-1, self.filters)
+        dz = np.empty_like(dy_rows)
+        dbias = np.empty(self.filters, dy.dtype)
+        activation_grad_into(dz, dbias, dy_rows, dy_rows if y is None else y, y is not None)
+        grads = {"kernel": (columns.T @ dz).reshape(weights["kernel"].shape), "bias": dbias}
         if not need_input_grad:
             return None, grads
-        out_length = dy.shape[1]
-        dcolumns = (dy_rows @ weights["kernel"].reshape(-1, self.filters).T).reshape(
-            n, out_length, self.kernel_size, channels)
-        dx_padded = np.zeros((n, length + 2 * self.padding, channels), dtype=dy.dtype)
-        last = self.stride * (out_length - 1) + 1
-        for tap in range(self.kernel_size):
-            # Position i of the output read padded input tap + i * stride through this tap.
-            dx_padded[:, tap:tap + last:self.stride] += dcolumns[:, :, tap]
-        return dx_padded[:, self.padding:self.padding + length], grads
+        dcolumns = dz @ weights["kernel"].reshape(-1, self.filters).T
+        dx = np.empty(input_shape, dy.dtype)
+        col2im_into(dx, dcolumns, self.kernel_size, self.stride, self._pads(input_shape[1])[0])
+        return dx, grads

@@ -1,0 +1,139 @@
+"""Numba kernels of the 1-D convolution and pooling layers, each with a NumPy reference twin.
+
+A convolution is im2col (gather every receptive field into one row), one BLAS GEMM, and a fused
+bias + activation pass; its backward is the activation mask and bias sum in one pass, two GEMMs and
+col2im (scatter the column gradients back). Numpy does the gather with ``sliding_window_view`` plus
+a padded copy: at the MNIST-1D sizes (batch 50, length 40, 25 channels) those Python-level calls
+cost more than the GEMMs, so the kernels below write straight into their outputs, padding
+included. They are serial (the worker's thread budget goes to BLAS) and dtype-generic: numba
+compiles one version for float32 (training) and one for float64 (finite-difference tests).
+"""
+import numpy as np
+from numba import njit
+
+_FAST = dict(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
+
+
+@njit(**_FAST)
+def im2col_into(columns, x, kernel_size, stride, pad_left):
+    """columns[b * out + i, tap * c:(tap + 1) * c] = x[b, i * stride - pad_left + tap] (0 outside)."""
+    n, length, channels = x.shape
+    out_length = columns.shape[0] // n
+    for b in range(n):
+        for i in range(out_length):
+            row = columns[b * out_length + i]
+            start = i * stride - pad_left
+            for tap in range(kernel_size):
+                position = start + tap
+                segment = row[tap * channels:(tap + 1) * channels]
+                if 0 <= position < length:
+                    source = x[b, position]
+                    for c in range(channels):
+                        segment[c] = source[c]
+                else:
+                    for c in range(channels):
+                        segment[c] = 0.0
+
+
+def im2col_ref(x, kernel_size, stride, pad_left, out_length):
+    n, length, channels = x.shape
+    pad_right = max(0, (out_length - 1) * stride + kernel_size - length - pad_left)
+    padded = np.pad(x, ((0, 0), (pad_left, pad_right), (0, 0)))
+    rows = [padded[:, i * stride:i * stride + kernel_size].reshape(n, -1) for i in range(out_length)]
+    return np.stack(rows, axis=1).reshape(n * out_length, kernel_size * channels)
+
+
+@njit(**_FAST)
+def col2im_into(dx, dcolumns, kernel_size, stride, pad_left):
+    """dx = the adjoint of im2col: each column entry is added back to the input position it read."""
+    n, length, channels = dx.shape
+    out_length = dcolumns.shape[0] // n
+    dx[:] = 0.0
+    for b in range(n):
+        for i in range(out_length):
+            row = dcolumns[b * out_length + i]
+            start = i * stride - pad_left
+            for tap in range(kernel_size):
+                position = start + tap
+                if 0 <= position < length:
+                    target = dx[b, position]
+                    segment = row[tap * channels:(tap + 1) * channels]
+                    for c in range(channels):
+                        target[c] += segment[c]
+
+
+def col2im_ref(dcolumns, input_shape, kernel_size, stride, pad_left):
+    n, length, channels = input_shape
+    out_length = dcolumns.shape[0] // n
+    blocks = dcolumns.reshape(n, out_length, kernel_size, channels)
+    dx = np.zeros((n, length + out_length * stride + kernel_size, channels), dcolumns.dtype)
+    for i in range(out_length):
+        for tap in range(kernel_size):
+            dx[:, i * stride + tap] += blocks[:, i, tap]
+    return dx[:, pad_left:pad_left + length]
+
+
+@njit(**_FAST)
+def bias_activation_into(y, bias, relu):
+    """y[r] = y[r] + bias, then max(., 0) when ``relu``: rows of a (rows, filters) matrix."""
+    for r in range(y.shape[0]):
+        row = y[r]
+        for f in range(row.size):
+            value = row[f] + bias[f]
+            row[f] = max(value, 0.0) if relu else value
+
+
+def bias_activation_ref(y, bias, relu):
+    out = y + bias
+    return np.maximum(out, 0) if relu else out
+
+
+@njit(**_FAST)
+def activation_grad_into(dz, dbias, dy, y, relu):
+    """dz = dy * (y > 0) (or dy), dbias = sum of dz over rows; ``y`` is the layer's output."""
+    dbias[:] = 0.0
+    for r in range(dy.shape[0]):
+        for f in range(dy.shape[1]):
+            value = dy[r, f] if (not relu or y[r, f] > 0) else 0.0
+            dz[r, f] = value
+            dbias[f] += value
+
+
+def activation_grad_ref(dy, y, relu):
+    dz = dy * (y > 0) if relu else dy.copy()
+    return dz, dz.sum(axis=0)
+
+
+@njit(**_FAST)
+def max_pool_into(y, argmax, x, pool_size, stride):
+    """y[b, i, c] = max over x[b, i * stride:i * stride + pool_size, c]; argmax keeps the position
+    (the first one on ties, as TensorFlow's gradient does)."""
+    n, out_length, channels = y.shape
+    for b in range(n):
+        for i in range(out_length):
+            start = i * stride
+            for c in range(channels):
+                best, where = x[b, start, c], start
+                for k in range(1, pool_size):
+                    value = x[b, start + k, c]
+                    if value > best:
+                        best, where = value, start + k
+                y[b, i, c] = best
+                argmax[b, i, c] = where
+
+
+@njit(**_FAST)
+def max_pool_grad_into(dx, dy, argmax):
+    """dx = 0, then dy[b, i, c] added at the input position its maximum came from."""
+    n, out_length, channels = dy.shape
+    dx[:] = 0.0
+    for b in range(n):
+        for i in range(out_length):
+            for c in range(channels):
+                dx[b, argmax[b, i, c], c] += dy[b, i, c]
+
+
+def max_pool_ref(x, pool_size, stride):
+    out_length = (x.shape[1] - pool_size) // stride + 1
+    windows = np.stack([x[:, i * stride:i * stride + pool_size] for i in range(out_length)], axis=1)
+    return windows.max(axis=2)
