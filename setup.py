@@ -23,8 +23,12 @@ setup(
     ],
     extras_require={
         "tf": ["tensorflow-cpu>=2.16"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "tensorboard>=2.14"],
-        "tensorboard": ["tensorboard>=2.14"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "tensorboard>=2.14",
+                "tensorboardX>=2.6"],
+        # tensorboardX writes the event files; tensorboard is the viewer (and the tests' reader).
+        "tensorboard": ["tensorboardX>=2.6", "tensorboard>=2.14"],
     },
-    entry_points={"console_scripts": ["engine = engine.cli.main:main"]},
+    # Named after the distribution: a bare "engine" command would clash with other packages'.
+    # "python -m engine" works as well.
+    entry_points={"console_scripts": ["parallel-cpu-engine = engine.cli.main:main"]},
 )

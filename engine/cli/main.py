@@ -101,7 +101,7 @@ def _add_train_arguments(parser):
     group.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its "
                        "checkpoints/last.h5; its configuration is the default for every flag")
     group.add_argument("--tensorboard", action="store_true", help="write TensorBoard event "
-                       "files to DIR/tensorboard (needs the tensorboard package)")
+                       "files to DIR/tensorboard (needs the tensorboardX package)")
     group.add_argument("--no-progress", dest="progress", action="store_false",
                        help="no progress bar")
     group.add_argument("--seed", type=int, help="seeds initialization, splits and shuffling"

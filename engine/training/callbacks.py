@@ -12,6 +12,7 @@ assignable), ``stop_training``, ``history``, ``epochs``, ``initial_epoch`` and
 ``set_state`` (JSON values) and ``get_arrays``/``set_arrays`` (numpy arrays).
 """
 import csv
+import itertools
 import math
 import os
 import sys
@@ -207,53 +208,64 @@ def _format(value):
 
 
 class TensorBoard(Callback):
-    """Write every log value as a TensorBoard scalar per epoch (``tensorboard --logdir DIR``).
+    """Write every numeric log value as a TensorBoard scalar per epoch (``tensorboard --logdir DIR``).
 
-    Needs the ``tensorboard`` package (for its event protobufs), never TensorFlow: the records are
-    framed here, because tensorboard's own writer imports TensorFlow whenever it is installed.
-    Raises ImportError saying how to install the package when it is missing.
+    The event files come from ``tensorboardX``'s ``SummaryWriter``, which needs neither TensorFlow
+    nor the ``tensorboard`` package. Each training run (and each resume) adds one event file to
+    ``log_dir``, flushed at every epoch end, so an interrupted run keeps what it logged.
+
+    Args:
+        log_dir: folder of the event files (created if missing).
+    Raises:
+        ImportError: saying how to install tensorboardX when it is missing.
     """
 
     def __init__(self, log_dir):
-        try:
-            from tensorboard.compat.proto import event_pb2, summary_pb2  # noqa: F401
-            from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c  # noqa
-        except ImportError:
-            raise ImportError("the TensorBoard callback needs the 'tensorboard' package, which is "
-                              "not installed. Install it with: pip install tensorboard") from None
-        self.log_dir, self._file = os.fspath(log_dir), None
+        _summary_writer_class()  # fail now, before training starts, if tensorboardX is missing
+        self.log_dir, self._writer = os.fspath(log_dir), None
 
     def on_train_begin(self, logs=None):
-        import socket
-        import time
         os.makedirs(self.log_dir, exist_ok=True)
-        name = f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}"
-        self._file = open(os.path.join(self.log_dir, name), "ab")
-        self._write(file_version="brain.Event:2")
+        # tensorboardX names files by the second: the suffix keeps two runs in one second apart.
+        self._writer = _summary_writer_class()(
+            logdir=self.log_dir, flush_secs=3600,
+            filename_suffix=f".{os.getpid()}.{next(_EVENT_FILES)}")
 
     def on_epoch_end(self, epoch, logs):
-        from tensorboard.compat.proto import summary_pb2
-        values = [summary_pb2.Summary.Value(tag=key, simple_value=float(value))
-                  for key, value in logs.items() if isinstance(value, (int, float))]
-        self._write(step=epoch + 1, summary=summary_pb2.Summary(value=values))
-
-    def _write(self, **fields):
-        """One TFRecord: length (u64), its masked CRC32C, the Event proto, the proto's CRC."""
-        import struct
-        import time
-
-        from tensorboard.compat.proto import event_pb2
-        from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
-        data = event_pb2.Event(wall_time=time.time(), **fields).SerializeToString()
-        header = struct.pack("<Q", len(data))
-        self._file.write(header + struct.pack("<I", masked_crc32c(header)) + data +
-                         struct.pack("<I", masked_crc32c(data)))
-        self._file.flush()
+        for key, value in logs.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(key, float(value), global_step=epoch + 1)
+        self._writer.flush()
 
     def on_train_end(self, logs=None):
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+_EVENT_FILES = itertools.count()
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported with torch hidden when torch is not loaded yet.
+
+    tensorboardX's writer module imports torch whenever it is installed (only to accept torch
+    tensors); that costs about a second and hundreds of MB in the training process, for scalars
+    that are plain floats here. So the import sees torch as absent unless the user has it loaded.
+    """
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # makes "import torch" raise ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise ImportError("the TensorBoard callback needs the 'tensorboardX' package, which is not "
+                          "installed. Install it with: pip install tensorboardX (or the engine's "
+                          "'tensorboard' extra).") from None
+    finally:
+        if hide and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 class ProgressBar(Callback):
