@@ -48,10 +48,11 @@ import inspect
 from models.cnn1d import CNN1D
 from models.losses import CrossEntropy, FocalLoss
 from models.mlp import MLP
+from models.graph import Graph
 from models.sequential import Sequential
 from models.softmax_regression import SoftmaxRegression
 
-__all__ = ["Sequential", "SoftmaxRegression", "MLP", "CNN1D", "CrossEntropy", "FocalLoss",
+__all__ = ["Sequential", "Graph", "SoftmaxRegression", "MLP", "CNN1D", "CrossEntropy", "FocalLoss",
            "get_model", "available_models", "model_signature"]
 
 _REGISTRY = {"softmax_regression": SoftmaxRegression, "mlp": MLP, "cnn1d": CNN1D}
