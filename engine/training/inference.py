@@ -117,7 +117,7 @@ class Predictor:
                              "model's output would be meaningless. Clean or impute them first.")
         if self.standardizer is not None:
             batch = self.standardizer(batch)
-        if len(batch) >= self.parallel_min_examples and self.num_processes > 1:
+        if len(batch) >= max(self.parallel_min_examples, self.num_processes) > 1:
             probabilities = self._predict_parallel(batch)
         else:
             probabilities = np.asarray(self.model.predict(self.state, batch), dtype=np.float32)
@@ -130,11 +130,10 @@ class Predictor:
         return int(classes) if probabilities.ndim == 1 else classes.astype(np.int64)
 
     def _predict_parallel(self, batch):
-        if self._processor is None:
-            processes = min(self.num_processes, len(batch))
+        if self._processor is None:  # one step: _PARALLEL_BATCH rows per worker
             self._processor = ParallelBatchProcessor(
-                self.model, num_processes=processes,
-                batch_size=max(processes, min(_PARALLEL_BATCH * processes, len(batch))))
+                self.model, num_processes=self.num_processes,
+                batch_size=_PARALLEL_BATCH * self.num_processes)
         labels = np.zeros(len(batch), np.int64)  # evaluation computes a loss too: any valid class
         _, results = self._processor.run_parallel(batch, labels, self.state,
                                                   {"update_weights": False})
