@@ -37,11 +37,9 @@ class MPIRun:
     def __init__(self, completed, elapsed_s):
         self.returncode, self.elapsed_s = completed.returncode, elapsed_s
         self.stdout, self.stderr = completed.stdout, completed.stderr
-        self.results = {}
-        for line in completed.stdout.splitlines():
-            if line.startswith("RESULT "):
-                record = json.loads(line[len("RESULT "):])
-                self.results[record["rank"]] = record
+        self.records = [json.loads(line[len("RESULT "):]) for line in completed.stdout.splitlines()
+                        if line.startswith("RESULT ")]
+        self.results = {record["rank"]: record for record in self.records}
 
     def describe(self):
         return (f"mpirun exit code {self.returncode} after {self.elapsed_s:.1f} s\n"
