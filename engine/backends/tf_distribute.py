@@ -234,7 +234,8 @@ class MirroredProcessor:
             # The variables already hold the failed update; keeping a copy before every step would
             # cost a device-to-host copy per step, so the last good state is the call's start.
             raise NonFiniteLossError(step, loss, self._call_start_state,
-                                     gradients=np.isfinite(loss))
+                                     what="the gradients are" if np.isfinite(loss) else
+                                     "the loss is")
         return dict(loss=loss, examples=len(x), compute_s=ended - began, sync_s=0.0, wait_s=0.0,
                     wall_s=ended - began, grad_norm=grad_norm)
 

@@ -1,7 +1,8 @@
 """The configuration of a ``train`` run: defaults, parsing of ``--model-arg``, and building the
 model, loss, schedule and callbacks it describes.
 
-A configuration is a plain JSON-serialisable dict (written to ``output_dir/config.json`` and into
+``timeout`` None is the trainer's "auto" hang detection, 0 turns it off. A configuration is a plain
+JSON-serialisable dict (written to ``output_dir/config.json`` and into
 every checkpoint), so ``evaluate`` and ``--resume`` rebuild exactly what was trained.
 """
 import ast
@@ -24,7 +25,7 @@ DEFAULTS = {
     "clip_norm": None, "grad_accum": 1, "val_split": 0.1, "test_split": 0.2, "standardize": False,
     "early_stopping": None, "monitor": "val_loss", "checkpoint_every": None, "tensorboard": False,
     "output_dir": None, "resume": None, "seed": 0, "progress": True,
-    "device": "auto", "mixed_precision": False, "xla": False,
+    "device": "auto", "mixed_precision": False, "xla": False, "timeout": None,
 }
 
 

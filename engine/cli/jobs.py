@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.training.callbacks import Callback
 from engine.training.checkpoint import load_checkpoint
 from engine.cli.config import (build_callbacks, build_loss, build_model, build_schedule,
                            default_output_dir, to_json)
@@ -24,6 +25,7 @@ from engine.training.datasets import (DataError, Dataset, Standardizer, Subset, 
                              check_features, check_labels, load_dataset, stratified_split)
 from engine.cli.reports import write_report
 from engine.parallel.system import available_memory_bytes, usable_cores
+from engine.training.run_folder import hold_run_folder, run_folder_of
 from engine.training.trainer import Trainer, evaluate
 
 __all__ = ["prepare_data", "run_train", "run_evaluate", "system_info"]
@@ -93,14 +95,51 @@ def prepare_data(config, *, check_training=True):
                         data.class_names)
 
 
+def _run_folder(config):
+    """Where the run writes: a resumed run continues in the folder holding its checkpoint."""
+    if not config["resume"]:
+        return config["output_dir"] or default_output_dir(config)
+    folder = run_folder_of(config["resume"])
+    given = config["output_dir"]
+    if given is not None and os.path.realpath(given) != os.path.realpath(folder):
+        raise ValueError(f"a resumed run continues in the folder of its checkpoint, {folder}; "
+                         f"--output-dir {given} names another. Drop --output-dir, or copy the run "
+                         "folder there and resume from the copy's checkpoints/last.h5.")
+    return folder
+
+
+class _WriteConfig(Callback):
+    """Writes config.json when training begins: after a resume has been validated and restored,
+    so a resume that fails leaves the run's files as they were."""
+
+    def __init__(self, path, config):
+        self.path, self.config = path, config
+
+    def on_train_begin(self, logs=None):
+        with open(self.path, "w") as f:
+            json.dump(self.config, f, indent=2)
+
+
+def _timeout(config):
+    value = config.get("timeout")
+    if value is None:
+        return "auto"
+    if value < 0:
+        raise ValueError(f"timeout must be a number of seconds > 0, or 0 to turn hang detection "
+                         f"off. Received: --timeout {value}.")
+    return None if value == 0 else float(value)
+
+
 def run_train(config, *, out=None):
     """Train as ``config`` says (see engine.cli.config.DEFAULTS) and write the results folder.
 
+    The folder is held exclusively for the whole run; one that already holds a run is refused
+    unless ``config["overwrite"]`` or it is the run being resumed (engine.training.run_folder).
     Returns the metrics written to results.json.
     """
     out = out or sys.stdout
     config = dict(config)
-    config["output_dir"] = output_dir = config["output_dir"] or default_output_dir(config)
+    config["output_dir"] = output_dir = _run_folder(config)
     if config["resume"]:
         done = load_checkpoint(config["resume"]).trainer.get("epoch", 0)
         if done >= config["epochs"]:
@@ -118,16 +157,22 @@ def run_train(config, *, out=None):
         output_dir=output_dir, seed=config["seed"], standardize=config["standardize"],
         verbose=config["progress"], device=config["device"],
         mixed_precision=config["mixed_precision"], xla=config["xla"],
+        timeout_s=_timeout(config), overwrite=config.get("overwrite", False),
         metadata={"config": to_json(config), "model_name": config["model"],
                   "model_args": to_json(model_args)})
-    os.makedirs(output_dir, exist_ok=True)
+    with hold_run_folder(output_dir, overwrite=config.get("overwrite", False),
+                         resuming=bool(config["resume"])):
+        return _train_in(output_dir, config, data, model, model_args, trainer, out)
+
+
+def _train_in(output_dir, config, data, model, model_args, trainer, out):
     resolved = {"model_args": model_args, "num_classes": data.num_classes,
                 "feature_shape": data.feature_shape, "data_source": data.source,
                 "examples": {"train": len(data.y_train), "validation": _count(data.y_val),
                              "test": len(data.y_test)},
                 "num_processes": trainer.processor_options["num_processes"] or usable_cores()}
-    with open(os.path.join(output_dir, "config.json"), "w") as f:
-        json.dump(to_json({**config, "resolved": resolved}), f, indent=2)
+    trainer.callbacks.append(_WriteConfig(os.path.join(output_dir, "config.json"),
+                                          to_json({**config, "resolved": resolved})))
     state_size = model.init_state(config["seed"]).num_params
     print(f"data: {data.source}: {len(data.y_train)} train / {_count(data.y_val)} validation / "
           f"{len(data.y_test)} test examples of shape {data.feature_shape}, {data.num_classes} "
@@ -154,7 +199,7 @@ def run_train(config, *, out=None):
           file=out)
     print(f"test accuracy {results['accuracy']:.4f} (loss {test['loss']:.4f}) on "
           f"{len(data.y_test)} examples", file=out)
-    print(f"results in {os.path.abspath(output_dir)}: {', '.join(sorted(os.listdir(output_dir)))}",
+    print(f"results in {os.path.abspath(output_dir)}: {', '.join(sorted(name for name in os.listdir(output_dir) if not name.startswith('.')))}",
           file=out)
     return results
 
@@ -202,9 +247,7 @@ def run_evaluate(checkpoint_path, *, data=None, split="test", output_dir=None, w
     result = evaluate(model, checkpoint.state, x, y, num_processes=workers,
                       standardizer=Standardizer.from_arrays(checkpoint.arrays))
     if output_dir is None:
-        folder = os.path.dirname(os.path.abspath(checkpoint_path))
-        run = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
-        output_dir = os.path.join(run, "evaluation")
+        output_dir = os.path.join(run_folder_of(checkpoint_path), "evaluation")
     history = checkpoint.trainer.get("history") or None
     results = write_report(output_dir, y, result["probabilities"], history=history,
                            class_names=class_names, title=split,

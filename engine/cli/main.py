@@ -93,13 +93,21 @@ def _add_train_arguments(parser):
     group.add_argument("--mixed-precision", action="store_true", help="mixed_float16 with loss "
                        "scaling (GPU path)")
     group.add_argument("--xla", action="store_true", help="compile with XLA (GPU path)")
+    group.add_argument("--timeout", type=float, metavar="SECONDS", help="hang detection: a worker "
+                       "whose step phase takes longer is killed and replaced; 0 turns it off "
+                       "(default: auto, 300 s in the first epoch, then the larger of 60 s and 20x "
+                       "the median step time)")
+    _add_shm_dir(group)
     group = parser.add_argument_group("output")
     group.add_argument("--output-dir", metavar="DIR", help="results folder (default: "
                        "runs/MODEL-TIMESTAMP, or the resumed run's)")
     group.add_argument("--checkpoint-every", type=int, metavar="N", help="also keep "
                        "checkpoints/epoch_NNNN.h5 every N epochs")
     group.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its "
-                       "checkpoints/last.h5; its configuration is the default for every flag")
+                       "checkpoints/last.h5, in the folder that holds it; its configuration is "
+                       "the default for every flag")
+    group.add_argument("--overwrite", action="store_true", help="replace the run already in "
+                       "--output-dir (by default a folder holding a run is refused)")
     group.add_argument("--tensorboard", action="store_true", help="write TensorBoard event "
                        "files to DIR/tensorboard (needs the tensorboardX package)")
     group.add_argument("--no-progress", dest="progress", action="store_false",
@@ -109,6 +117,12 @@ def _add_train_arguments(parser):
     for action in parser._actions:
         if action.dest != "help":
             action.default = argparse.SUPPRESS
+
+
+def _add_shm_dir(parser):
+    parser.add_argument("--shm-dir", metavar="DIR", help="keep the shared blocks as files in DIR "
+                        "instead of /dev/shm (for a small /dev/shm, e.g. Docker's 64 MB); the "
+                        "same as ENGINE_SHM_DIR=DIR")
 
 
 def build_parser():
@@ -133,6 +147,7 @@ def build_parser():
     evaluate.add_argument("--output-dir", metavar="DIR", help="report folder (default: "
                           "evaluation/ in the run folder)")
     evaluate.add_argument("--workers", type=int, help="worker processes (default: every core)")
+    _add_shm_dir(evaluate)
     info = commands.add_parser("info", help="cores, memory, library versions, GPUs",
                                description="Usable cores, memory, numba and TensorFlow "
                                "availability and versions, and the GPUs seen.")
@@ -148,7 +163,7 @@ def build_parser():
 
 
 def _train_config(args):
-    given = {key: value for key, value in vars(args).items() if key != "command"}
+    given = {key: value for key, value in vars(args).items() if key not in _NOT_CONFIG}
     if "model_args" in given:
         given["model_args"] = parse_model_args(given["model_args"])
     config = dict(DEFAULTS)
@@ -158,18 +173,33 @@ def _train_config(args):
         if saved is None:
             raise ValueError(f"{given['resume']!r} was not written by 'engine train' (no "
                              "configuration inside); resume it from Python with engine.fit.")
-        config.update({key: value for key, value in saved.items() if key in DEFAULTS})
+        # The run continues in the folder holding the checkpoint, never in a path read from it.
+        config.update({key: value for key, value in saved.items() if key in DEFAULTS and
+                       key != "output_dir"})
     config.update(given)
+    config["overwrite"] = getattr(args, "overwrite", False)
     return config
+
+
+_NOT_CONFIG = ("command", "overwrite", "shm_dir")  # options of this invocation, not of the run
+
+
+def _use_shm_dir(args):
+    """--shm-dir: the environment variable, so that workers of every start method see it."""
+    if getattr(args, "shm_dir", None):
+        import os
+        os.environ["ENGINE_SHM_DIR"] = os.path.abspath(args.shm_dir)
 
 
 def _train(args):
     from engine.cli.jobs import run_train
+    _use_shm_dir(args)
     run_train(_train_config(args))
 
 
 def _evaluate(args):
     from engine.cli.jobs import run_evaluate
+    _use_shm_dir(args)
     run_evaluate(args.checkpoint, data=args.data, split=args.split, output_dir=args.output_dir,
                  workers=args.workers)
 

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.core.hdf5_checks import (check_total_storage, checked_child, checked_dataset,
+                                     json_attribute)
+
 FORMAT_NAME = "engine.NetworkState"
 FORMAT_VERSION = 1
 
@@ -191,20 +194,60 @@ class NetworkState:
                 os.unlink(temporary)
 
     @classmethod
-    def load(cls, path, return_metadata=False):
-        """Read a state written by :meth:`save`. Never executes code from the file."""
+    def load(cls, path, return_metadata=False, layout=None):
+        """Read a state written by :meth:`save`. Never executes code from the file.
+
+        Every group, name list, dataset, shape and dtype is checked (against ``layout`` when
+        given, and against the file's real size) before any array is read.
+        Args:
+            path: the HDF5 file. return_metadata: also return the metadata dict.
+            layout: the StateLayout the state must have (e.g. ``model.init_state(0).layout``).
+        Returns:
+            the NetworkState, or ``(state, metadata)``.
+        Raises:
+            ValueError: one line naming the file and what is wrong with it.
+        """
         import h5py
         path = os.fspath(path)
         try:
             f = h5py.File(path, "r")
         except (OSError, ValueError) as error:
             raise ValueError(f"cannot read {path!r} as an HDF5 state file: {error}") from None
-        with f:
-            check_format(f.attrs, FORMAT_NAME, FORMAT_VERSION, f"{path!r}")
-            arrays = {}
-            for kind in ("weights", "theta"):
-                names = json.loads(f[kind].attrs["names"])
-                arrays[kind] = {name: f[kind][str(i)][()] for i, name in enumerate(names)}
-            metadata = json.loads(f.attrs.get("metadata", "{}"))
+        where = repr(path)
+        try:
+            with f:
+                check_format(f.attrs, FORMAT_NAME, FORMAT_VERSION, where)
+                metadata = json_attribute(f.attrs, "metadata", where, default={})
+                datasets = {kind: _named_datasets(f, kind, where, os.path.getsize(path))
+                            for kind in ("weights", "theta")}
+                found = StateLayout(*(tuple((name, tuple(d.shape)) for name, d in
+                                            datasets[kind].items())
+                                      for kind in ("weights", "theta")))
+                problem = None if layout is None else layout.describe_mismatch(found)
+                if problem:
+                    raise ValueError(f"the state in {where} does not match the expected layout: "
+                                     f"{problem}. Load a checkpoint of this model, or build the "
+                                     "model that wrote it.")
+                arrays = {kind: {name: d[()] for name, d in named.items()}
+                          for kind, named in datasets.items()}
+        except OSError as error:  # a read cut short by a truncated or damaged file
+            raise ValueError(f"cannot read {where}: {error}") from None
         state = cls(arrays["weights"], arrays["theta"])
         return (state, metadata) if return_metadata else state
+
+
+def _named_datasets(f, kind, where, file_size):
+    """``{name: dataset}`` of group ``kind``, checked; datasets are named by index (see save)."""
+    group = checked_child(f, kind, where, "group")
+    names = json_attribute(group.attrs, "names", f"{where} ({kind})", kind=list)
+    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"{where}: the {kind} names must be distinct non-empty strings.")
+    members = set(group.keys())
+    if members != {str(i) for i in range(len(names))}:
+        raise ValueError(f"{where}: the {kind} group lists {len(names)} names but holds "
+                         f"{len(members)} arrays; the file is damaged or was edited.")
+    named = {name: checked_child(group, str(i), where) for i, name in enumerate(names)}
+    for dataset in named.values():
+        checked_dataset(dataset, where, file_size)
+    check_total_storage(named.values(), where, file_size)
+    return named

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.core.hdf5_checks import (check_total_storage, checked_child, checked_dataset,
+                                     json_attribute)
 from engine.core.state import NetworkState, check_format
 
 FORMAT_NAME = "engine.Checkpoint"
@@ -94,30 +96,40 @@ def save_checkpoint(path, state, *, metadata=None, training_state=None, trainer=
             os.unlink(temporary)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, layout=None):
     """Read a checkpoint (or a plain NetworkState file, which has no training parts).
 
+    Every group, name list, dataset, shape and dtype is checked before anything is read: against
+    ``layout`` (a StateLayout, e.g. ``model.init_state(0).layout``) when given, and against the
+    file's real size; external storage, virtual datasets and links out of the file are refused.
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: if it is not a readable checkpoint, or was written by a newer format.
+        ValueError: one line naming the file and what is wrong (unreadable, damaged, crafted,
+            another model's layout, or a newer format).
     """
     import h5py
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist.")
-    state, metadata = NetworkState.load(path, return_metadata=True)
+    state, metadata = NetworkState.load(path, return_metadata=True, layout=layout)
     checkpoint = Checkpoint(state=state, metadata=metadata)
-    with h5py.File(path, "r") as f:
-        if "checkpoint" not in f:
-            return checkpoint
-        group = f["checkpoint"]
-        check_format(group.attrs, FORMAT_NAME, FORMAT_VERSION,
-                     f"{path!r} (its 'checkpoint' group)")
-        checkpoint.trainer = json.loads(group.attrs.get("trainer", "{}"))
-        if "processor" in group:
-            checkpoint.training_state = {**json.loads(group["processor"].attrs["values"]),
-                                         **_read_arrays(group["processor"], path)}
-        checkpoint.arrays = _read_arrays(group["arrays"], path)
+    where, size = repr(path), os.path.getsize(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if "checkpoint" not in f:
+                return checkpoint
+            group = checked_child(f, "checkpoint", where, "group")
+            check_format(group.attrs, FORMAT_NAME, FORMAT_VERSION,
+                         f"{where} (its 'checkpoint' group)")
+            checkpoint.trainer = json_attribute(group.attrs, "trainer", where, default={})
+            if "processor" in group:
+                processor = checked_child(group, "processor", where, "group")
+                values = json_attribute(processor.attrs, "values", f"{where} (processor)")
+                checkpoint.training_state = {**values, **_read_arrays(processor, where, size)}
+            checkpoint.arrays = _read_arrays(checked_child(group, "arrays", where, "group"),
+                                             where, size)
+    except OSError as error:  # a read cut short by a truncated or damaged file
+        raise ValueError(f"cannot read {where}: {error}") from None
     return checkpoint
 
 
@@ -129,16 +141,24 @@ def _write_arrays(parent, name, arrays):
     return group
 
 
-def _read_arrays(group, path):
-    names = json.loads(group.attrs["names"])
-    return {name: _numeric(group[str(i)], path) for i, name in enumerate(names)}
-
-
-def _numeric(dataset, path):
-    if dataset.dtype.kind not in "fiu":
-        raise ValueError(f"{path!r}: dataset {dataset.name} has dtype {dataset.dtype}; a "
-                         "checkpoint holds only numeric arrays.")
-    return dataset[()]
+def _read_arrays(group, where, file_size):
+    """``{name: array}`` of a group written by _write_arrays, each dataset checked first."""
+    names = json_attribute(group.attrs, "names", f"{where} ({group.name})", kind=list)
+    if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"{where}: the names of {group.name} must be distinct strings.")
+    if set(group.keys()) != {str(i) for i in range(len(names))}:
+        raise ValueError(f"{where}: {group.name} lists {len(names)} names but holds "
+                         f"{len(group.keys())} arrays; the file is damaged or was edited.")
+    datasets = [checked_child(group, str(i), where) for i in range(len(names))]
+    for dataset in datasets:
+        try:
+            checked_dataset(dataset, where, file_size)
+        except ValueError as error:
+            if "dtype" in str(error):
+                raise ValueError(f"{error} A checkpoint holds only numeric arrays.") from None
+            raise
+    check_total_storage(datasets, where, file_size)
+    return {name: dataset[()] for name, dataset in zip(names, datasets)}
 
 
 def _fsync_folder(folder):

@@ -179,6 +179,7 @@ def _load_npz(path):
 
 def _load_hdf5(path, x_key, y_key):
     import h5py
+    from engine.core.hdf5_checks import check_total_storage, checked_child, checked_dataset
     try:
         f = h5py.File(path, "r")
     except OSError as error:
@@ -192,8 +193,19 @@ def _load_hdf5(path, x_key, y_key):
             raise DataError(f"{path!r} has no dataset {key!r}. Its datasets: "
                             f"{sorted(k for k in f if isinstance(f[k], h5py.Dataset))}. Name them "
                             "with --x-key/--y-key (x_key=, y_key=).")
-    # The file stays open while the Dataset object is referenced: features are read lazily.
     test = "x_test" in f and "y_test" in f
+    # Before reading anything: links out of the file, external or virtual storage, and declared
+    # shapes the file cannot hold are refused (a crafted file of a few KB can declare terabytes).
+    used, size = {}, os.path.getsize(path)
+    try:
+        for key, kinds in ((x_key, "fiub"), (y_key, "fiu")) + (
+                (("x_test", "fiub"), ("y_test", "fiu")) if test else ()):
+            used[key] = checked_dataset(checked_child(f, key, repr(path)), repr(path), size, kinds)
+        check_total_storage([f[key] for key in used], repr(path), size)
+    except ValueError as error:
+        f.close()
+        raise DataError(str(error)) from None
+    # The file stays open while the Dataset object is referenced: features are read lazily.
     return Dataset(f[x_key], as_labels(f[y_key][()], f"{path}[{y_key}]"), f"{path}[{x_key}]",
                    f["x_test"] if test else None,
                    as_labels(f["y_test"][()], f"{path}[y_test]") if test else None, None,

@@ -13,6 +13,7 @@ visits a seeded permutation in segments that fit the limit, one ``run_parallel``
 (a multiple of the global batch, so only the epoch's last batch is partial; ``sync="states"``
 averages at every segment end).
 """
+import contextlib
 import numbers
 import os
 import time
@@ -25,6 +26,7 @@ from engine.training.checkpoint import load_checkpoint, save_checkpoint
 from engine.training.datasets import (Feed, Standardizer, Subset, as_labels, check_every_class,
                              check_features, check_labels, describe, stratified_split)
 from engine.training.history import History, merge_results
+from engine.training.run_folder import hold_run_folder, run_folder_of
 from engine.backends.device import make_processor
 from engine.parallel.processor import ParallelBatchProcessor
 from engine.training.schedules import Schedule, make_schedule
@@ -33,6 +35,12 @@ from engine.parallel.system import available_memory_bytes, usable_cores
 __all__ = ["Trainer", "fit", "evaluate", "make_loss"]
 
 TRAIN_ACCURACY_SAMPLE = 2000  # training examples re-evaluated after each epoch for "accuracy"
+# timeout_s="auto": hang detection on by default. The first epoch is the warm-up (worker start,
+# first reads of memory-mapped data, TensorFlow tracing); afterwards a phase may take the larger of
+# 60 s and 20x the median step time of the last epoch before its worker is killed and replaced.
+WARM_UP_TIMEOUT_S = 300.0
+HANG_TIMEOUT_FLOOR_S = 60.0
+HANG_TIMEOUT_STEPS = 20
 
 
 class Trainer:
@@ -57,19 +65,29 @@ class Trainer:
         device: "auto" (a Keras model goes to tf.distribute.MirroredStrategy when TensorFlow sees
             GPUs, everything else to the engine), "cpu" or "gpu". mixed_precision, xla: options
             of the GPU path (engine.backends.MirroredProcessor).
+        timeout_s: "auto" (default): hang detection on, 300 s during the first epoch, then the
+            larger of 60 s and 20x the median step time; a number of seconds; None: wait forever.
+        overwrite: replace a run already in output_dir instead of refusing (resuming the run
+            that is there needs no overwrite). output_dir is held exclusively while fit runs.
     """
 
     def __init__(self, model, *, batch_size=32, num_processes=None, sync="gradients",
                  update_interval=1, optimizer="adam", learning_rate=1e-3, schedule="constant",
                  loss=None, clip_norm=None, grad_accum=1, callbacks=(), output_dir=None, seed=0,
                  standardize=False, verbose=True, metadata=None, memory_limit_bytes=None,
-                 start_method=None, timeout_s=None, device="auto", mixed_precision=False,
-                 xla=False):
+                 start_method=None, timeout_s="auto", device="auto", mixed_precision=False,
+                 xla=False, overwrite=False):
         _check_positive_int(grad_accum, "grad_accum", "Use 1 for one step per batch.")
         _check_positive_int(batch_size, "batch_size", "It is the global batch of one step.")
-        if clip_norm is not None and not (isinstance(clip_norm, numbers.Real) and clip_norm > 0):
+        if clip_norm is not None and (isinstance(clip_norm, bool) or not isinstance(
+                clip_norm, numbers.Real) or not clip_norm > 0):
             raise ValueError(f"clip_norm must be a positive number or None. Received: "
                              f"clip_norm={clip_norm!r}.")
+        if timeout_s != "auto" and timeout_s is not None and (isinstance(timeout_s, bool) or not
+                                                           isinstance(timeout_s, numbers.Real)
+                                                           or not timeout_s > 0):
+            raise ValueError(f"timeout_s must be 'auto', a positive number of seconds or None. "
+                             f"Received: timeout_s={timeout_s!r}.")
         if not isinstance(schedule, (str, Schedule)):
             raise TypeError(f"schedule must be a name or an engine.training.schedules.Schedule. Received: "
                             f"{schedule!r}.")
@@ -78,7 +96,8 @@ class Trainer:
         self.model, self.loss = model, self._loss_spec
         self.batch_size, self.grad_accum, self.clip_norm = batch_size, grad_accum, clip_norm
         self.learning_rate, self.schedule = learning_rate, schedule
-        self.callbacks, self.output_dir = list(callbacks), output_dir
+        self.callbacks, self.output_dir, self.overwrite = list(callbacks), output_dir, overwrite
+        self.timeout_s = timeout_s
         self.seed, self.standardize, self.verbose = seed, standardize, verbose
         self.metadata = dict(metadata or {})
         self.memory_limit_bytes = memory_limit_bytes or available_memory_bytes() // 4
@@ -90,7 +109,8 @@ class Trainer:
         self.processor_options = dict(
             num_processes=num_processes, batch_size=batch_size * grad_accum, sync=sync,
             update_interval=update_interval, optimizer=optimizer, seed=seed,
-            micro_batch_size=micro, start_method=start_method, timeout_s=timeout_s)
+            micro_batch_size=micro, start_method=start_method,
+            timeout_s=WARM_UP_TIMEOUT_S if timeout_s == "auto" else timeout_s)
         # Keras models go to tf.distribute when GPUs are there (engine.backends.device).
         self.device_options = dict(device=device, mixed_precision=mixed_precision, xla=xla)
         self.state, self.history, self.standardizer = None, History(), None
@@ -119,7 +139,8 @@ class Trainer:
         self.epochs = epochs
         x_train, y_train, x_val, y_val = self._prepare_data(x, y, validation_data,
                                                             validation_split, check_data)
-        checkpoint = load_checkpoint(resume) if resume is not None else None
+        layout = self.model.init_state(self.seed).layout
+        checkpoint = load_checkpoint(resume, layout=layout) if resume is not None else None
         if checkpoint is not None and checkpoint.training_state is None:
             raise ValueError(f"{resume!r} holds a state but no training progress; resume needs a "
                              "checkpoint written by the trainer (ModelCheckpoint).")
@@ -139,21 +160,22 @@ class Trainer:
         self.state = initial_state.copy() if initial_state is not None else \
             self.model.init_state(self.seed)
         self.history, self.initial_epoch, self._epochs_done = History(), 0, 0
-        self._processor = make_processor(self.model, **self.device_options,
-                                         **self.processor_options)
-        try:
-            if checkpoint is not None:
-                self._restore(checkpoint, callbacks, resume)
-            if self.initial_epoch >= epochs:
-                warnings.warn(f"{resume!r} has already trained {self.initial_epoch} epochs, so "
-                              f"epochs={epochs} leaves nothing to do. Pass a larger epochs to "
-                              "continue.", RuntimeWarning, stacklevel=2)
-            else:
-                self._loop(callbacks)
-                if self.output_dir is not None:
-                    self.save_checkpoint(os.path.join(self.output_dir, "model.h5"))
-        finally:
-            self._processor.close()
+        with self._hold_output_dir(resume):
+            self._processor = make_processor(self.model, **self.device_options,
+                                             **self.processor_options)
+            try:
+                if checkpoint is not None:
+                    self._restore(checkpoint, callbacks, resume)
+                if self.initial_epoch >= epochs:
+                    warnings.warn(f"{resume!r} has already trained {self.initial_epoch} epochs, "
+                                  f"so epochs={epochs} leaves nothing to do. Pass a larger epochs "
+                                  "to continue.", RuntimeWarning, stacklevel=2)
+                else:
+                    self._loop(callbacks)
+                    if self.output_dir is not None:
+                        self.save_checkpoint(os.path.join(self.output_dir, "model.h5"))
+            finally:
+                self._processor.close()
         self.history.state, self.history.standardizer = self.state, self.standardizer
         return self.history
 
@@ -183,6 +205,14 @@ class Trainer:
                         training_state=self._processor.training_state(), trainer=trainer)
 
     # -- setup -----------------------------------------------------------------------------------
+    def _hold_output_dir(self, resume):
+        """The output folder, held for the run (a no-op without one); see run_folder."""
+        if self.output_dir is None:
+            return contextlib.nullcontext()
+        resuming = resume is not None and run_folder_of(resume) == os.path.realpath(
+            self.output_dir)
+        return hold_run_folder(self.output_dir, overwrite=self.overwrite, resuming=resuming)
+
     def _prepare_data(self, x, y, validation_data, validation_split, check_data):
         num_classes = int(self.model.num_outputs)
         name = describe(x, "x")
@@ -260,6 +290,7 @@ class Trainer:
 
     def _restore(self, checkpoint, callbacks, path):
         self.state.check_matches(checkpoint.state, f"the state in {path!r}")
+        _check_progress(checkpoint, path)
         self.state = checkpoint.state
         self._processor.load_training_state(checkpoint.training_state)
         saved = checkpoint.trainer
@@ -344,7 +375,14 @@ class Trainer:
             for x, y in feed.segments(order, step_rows):
                 self.state, results = self._processor.run_parallel(x, y, self.state, params)
                 parts.append(results)
+        self._update_timeout([wall for part in parts for wall in part["wall_s"]])
         return merge_results(parts, learning_rate)
+
+    def _update_timeout(self, step_times):
+        """timeout_s="auto": after each epoch, 20x its median step time, at least 60 s."""
+        if self.timeout_s == "auto" and len(step_times):
+            self._processor.timeout_s = max(HANG_TIMEOUT_FLOOR_S,
+                                            HANG_TIMEOUT_STEPS * float(np.median(step_times)))
 
     def _accuracy(self, feed):
         loss, probabilities = _predict(self._processor, self.state, feed)
@@ -415,6 +453,27 @@ def evaluate(model, state, x, y, *, standardizer=None, batch_size=256, num_proce
         loss, probabilities = _predict(processor, state, feed)
     accuracy = float(np.mean(probabilities.argmax(axis=1) == y))
     return {"loss": float(loss), "accuracy": accuracy, "probabilities": probabilities}
+
+
+def _check_progress(checkpoint, path):
+    """Raise ValueError naming the file unless it holds everything a resume reads."""
+    saved, progress, problems = checkpoint.trainer, checkpoint.training_state, []
+    if not isinstance(progress.get("optimizer"), np.ndarray):
+        problems.append("the optimizer state is missing")
+    for key, kind in (("step", int), ("shuffle_rng", dict)):
+        if not isinstance(progress.get(key), kind) or isinstance(progress.get(key), bool):
+            problems.append(f"the processor's {key!r} is missing or not a JSON {kind.__name__}")
+    epoch = saved.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        problems.append(f"'epoch' must be an int >= 0, found {epoch!r}")
+    if not isinstance(saved.get("stream_rng"), dict):
+        problems.append("'stream_rng' (the shuffle stream) is missing")
+    for key in ("history", "schedule", "callbacks"):
+        if not isinstance(saved.get(key, {}), dict):
+            problems.append(f"{key!r} must be a JSON object")
+    if problems:
+        raise ValueError(f"{os.fspath(path)!r}: cannot resume from it: its training progress "
+                         f"is incomplete or damaged ({'; '.join(problems)}).")
 
 
 def _check_positive_int(value, name, hint):
