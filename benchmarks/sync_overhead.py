@@ -220,6 +220,7 @@ def measure_size(num_values, num_workers, plan, quiet):
             CopyFloor(floor_values, num_workers) as floor:
         processor.process_batch(x, y, state, params)  # starts the pool, fills the slots
         executor = processor._executor
+        processor._work.coefficients[:] = 1.0 / num_workers  # what the standalone REDUCE weighs
 
         def engine_reduce():
             began = time.perf_counter()

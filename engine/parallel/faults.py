@@ -8,8 +8,11 @@ Set ``ENGINE_TEST_FAULTS`` before the processor starts its workers, as ``;``-sep
 * OP: when in the step it strikes: ``compute`` (default), ``reduce``, ``update``, ``local_step``,
   ``average``, ``evaluate``, or ``reduce_mid`` / ``update_mid`` (halfway through that worker's
   slice, so shared memory is left half written).
+* STEP: the optimizer's global step (0-based); for ``evaluate``, the batch index in the pass.
 
-Only the first incarnation of a worker carries its faults, so a replacement runs cleanly. Example:
+Only the first incarnation of a worker carries its faults, so a replacement runs cleanly. The
+production loop never checks for faults: a worker that has some runs a subclass of its core
+(:func:`fault_injecting`) whose overrides strike and then call the real methods. Example:
 ``ENGINE_TEST_FAULTS="kill@1:3;hang@0:5:reduce_mid"``.
 """
 import ctypes
@@ -18,9 +21,12 @@ import signal
 import time
 from dataclasses import dataclass
 
+from engine.core.kernels import weighted_mean_into
+from engine.parallel import workspace as ws
+
 KINDS = ("kill", "segv", "exit", "hang", "raise")
-OPS = ("compute", "reduce", "update", "reduce_update", "local_step", "average", "evaluate",
-       "reduce_mid", "update_mid")
+OPS = ("compute", "reduce", "update", "local_step", "average", "evaluate", "reduce_mid",
+       "update_mid")
 
 
 @dataclass(frozen=True)
@@ -63,3 +69,57 @@ def strike(faults, op_name, step):
                     time.sleep(3600)
             elif fault.kind == "raise":
                 raise RuntimeError(f"injected fault at step {step} during {op_name}")
+
+
+def fault_injecting(core_class, faults):
+    """A subclass of the worker core that strikes ``faults`` at their planned points."""
+
+    class FaultInjectingCore(core_class):
+        def _step(self):
+            return int(self.results[ws.CURRENT_STEP])
+
+        def _compute(self, step, start, stop, record):
+            strike(faults, "compute", step)
+            super()._compute(step, start, stop, record)
+
+        def _reduce_slice(self, coefficients, record):
+            strike(faults, "reduce", self._step())
+            work = self.work
+            if work.averaged is not work.reduced:
+                return super()._reduce_slice(coefficients, record)
+            start, stop = self.weight_slice
+            middle = (start + stop) // 2  # split to die with the slice half written
+            squares = weighted_mean_into(work.reduced, work.slots, coefficients, start, middle,
+                                         True)
+            strike(faults, "reduce_mid", self._step())
+            squares += weighted_mean_into(work.reduced, work.slots, coefficients, middle, stop,
+                                          True)
+            start, stop = self.theta_slice
+            weighted_mean_into(work.reduced, work.slots, coefficients, start, stop, False)
+            return squares
+
+        def _update_slice(self, step, learning_rate, scale):
+            strike(faults, "update", step)
+            start, stop = self.weight_slice
+            middle = (start + stop) // 2
+            work = self.work
+            non_finite = self.optimizer.update_into(
+                work.params_at(step + 1), work.optimizer_at(step + 1)[0], work.params_at(step),
+                work.optimizer_at(step)[0], work.averaged, start, middle, learning_rate,
+                step + 1, scale)
+            strike(faults, "update_mid", step)
+            return non_finite + super()._update_slice(step, learning_rate, scale)
+
+        def _local_step(self, step, start, stop, record):
+            strike(faults, "local_step", step)
+            return super()._local_step(step, start, stop, record)
+
+        def _average_slice(self, out, coefficients, start, stop):
+            strike(faults, "average", self._step())
+            super()._average_slice(out, coefficients, start, stop)
+
+        def _evaluate_step(self, k, state, start, stop, record):
+            strike(faults, "evaluate", k)
+            super()._evaluate_step(k, state, start, stop, record)
+
+    return FaultInjectingCore

@@ -3,10 +3,12 @@
 The owner waits on the answer pipes *and* the process sentinels together (one ``poll``), so a
 worker that dies is noticed at once, and nothing spins while workers compute.
 
-Recovery: every operation is safe to run again (a worker writes only its own slot, its own slice
-of ``reduced``, or the *next* version of the state), so when a worker dies (killed, out of memory,
-segfault) or overruns ``timeout_s`` (it is then killed), a fresh worker takes its place, attaches
-the same shared memory and runs the same operation again; the other workers' results stand. After
+Recovery: a fresh worker that takes a dead one's place attaches the same shared memory and is
+given the operation in flight; for a pass it resumes after the last phase its predecessor
+recorded (``engine.parallel.worker``), and the other workers, waiting at a barrier for it, go on.
+Hang detection: each worker bumps a heartbeat at every phase and marks the time it sleeps at a
+barrier; a worker that neither beats nor waits for ``timeout_s`` is hung, and is killed and
+replaced the same way. After
 ``max_restarts`` replacements within one call, the pool is torn down and WorkerCrashedError (or
 WorkerTimeoutError) carries the worker id, exit code and the tail of its stderr. A worker that
 *raises* is not replaced: the same input would raise again; WorkerError carries its traceback.
@@ -24,6 +26,7 @@ import multiprocess
 
 from engine.core.errors import WorkerCrashedError, WorkerError, WorkerTimeoutError
 from engine.parallel.faults import parse_faults
+from engine.parallel.shm import log_directory_prefix
 from engine.parallel.worker import ATTACH_DATA, FAILED, STOP, receive_message, send_message, worker_main
 
 _STARTUP_TIMEOUT_S = 300.0
@@ -102,11 +105,16 @@ class WorkerPool:
             :meth:`reset_restart_budget` calls; past it the pool is torn down and the error raised.
     """
 
-    def __init__(self, spec, num_workers, start_method, timeout_s=None, max_restarts=3):
+    def __init__(self, spec, num_workers, start_method, timeout_s=None, max_restarts=3, *,
+                 progress=None, abort=None, tick=None, tick_interval_s=0.5):
         self.spec, self.timeout_s, self.max_restarts = dict(spec), timeout_s, max_restarts
+        # progress(worker_id) -> (heartbeat, waiting, current step); abort() wakes every worker
+        # waiting at a barrier so that close() does not wait for them.
+        self._progress, self._abort = progress, abort
+        self._tick, self._tick_ms = tick, 1000 * tick_interval_s  # tick(): owner's periodic work
         self.context = multiprocess.get_context(start_method)
         self.start_method = start_method
-        self.log_directory = tempfile.mkdtemp(prefix=f"engine_{os.getpid()}_logs_")
+        self.log_directory = tempfile.mkdtemp(prefix=log_directory_prefix())
         self.faults = parse_faults(os.environ.get("ENGINE_TEST_FAULTS", ""))
         self.workers = [None] * num_workers
         self.restarts, self._budget_used = [], 0
@@ -175,6 +183,11 @@ class WorkerPool:
         self.workers[worker_id] = None
         return worker
 
+    def _step_of(self, worker_id, step):
+        if self._progress is None:
+            return step
+        return self._progress(worker_id)[2]
+
     def _replace(self, worker_id, step, reason):
         """Replace a dead (or hung: killed first) worker and give it the operation in flight.
 
@@ -184,6 +197,7 @@ class WorkerPool:
             worker = self._retire(worker_id, force=True)
             exitcode, tail = worker.process.exitcode, worker.stderr_tail()
             self._budget_used += 1
+            step = self._step_of(worker_id, step)
             self.restarts.append(dict(worker=worker_id, step=step, reason=reason,
                                       exitcode=exitcode, stderr_tail=tail))
             if self._budget_used > self.max_restarts:
@@ -227,14 +241,18 @@ class WorkerPool:
 
     def _wait_all(self, step):
         pending = set(range(len(self.workers)))
-        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        watch = _HangWatch(self.timeout_s, self._progress)
         while pending:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            events = self._poller.poll(None if remaining is None else remaining * 1000)
+            timeout_ms = watch.poll_ms()
+            if self._tick is not None:
+                timeout_ms = self._tick_ms if timeout_ms is None else min(timeout_ms, self._tick_ms)
+            events = self._poller.poll(timeout_ms)
             if not events:
-                for worker_id in sorted(pending):
+                if self._tick is not None:
+                    self._tick()
+                for worker_id in watch.hung(pending):
                     self._replace(worker_id, step, "timeout")
-                deadline = time.monotonic() + self.timeout_s
+                    watch.forget(worker_id)
                 continue
             # Answers first: a worker may answer and exit in the same instant.
             for fd, _ in sorted(events, key=lambda event: self._owners.get(event[0], (0, 1))[1]):
@@ -243,6 +261,7 @@ class WorkerPool:
                 worker_id, is_sentinel = self._owners[fd]
                 if is_sentinel:
                     self._replace(worker_id, step, "died")
+                    watch.forget(worker_id)
                     pending.add(worker_id)
                     continue
                 try:
@@ -255,6 +274,8 @@ class WorkerPool:
 
     def close(self):
         """Stop every worker (politely, then by force) and close the pipes. Safe to call twice."""
+        if self._abort is not None and any(self.workers):
+            self._abort()
         for worker in self.workers:
             if worker is not None:
                 try:
@@ -266,3 +287,41 @@ class WorkerPool:
                 self._retire(worker_id, force=False)
         shutil.rmtree(self.log_directory, ignore_errors=True)
 
+
+
+class _HangWatch:
+    """Which pending workers made no progress (no heartbeat, not waiting at a barrier) for
+    ``timeout_s``; without a progress source, all of them once ``timeout_s`` has passed."""
+
+    def __init__(self, timeout_s, progress):
+        self.timeout_s, self.progress = timeout_s, progress
+        self._seen = {}  # worker -> (heartbeat, time it last changed or was seen waiting)
+        self._started = time.monotonic()
+
+    def poll_ms(self):
+        if self.timeout_s is None:
+            return None
+        return 1000 * min(self.timeout_s / 4, 1.0) if self.progress else 1000 * max(
+            0.0, self._started + self.timeout_s - time.monotonic())
+
+    def forget(self, worker_id):
+        self._seen.pop(worker_id, None)
+        if self.progress is None:
+            self._started = time.monotonic()
+
+    def hung(self, pending):
+        if self.timeout_s is None:
+            return []
+        now = time.monotonic()
+        if self.progress is None:
+            return sorted(pending) if now - self._started >= self.timeout_s else []
+        hung = []
+        for worker_id in sorted(pending):
+            beat, waiting, _ = self.progress(worker_id)
+            last_beat, since = self._seen.get(worker_id, (None, now))
+            if waiting or beat != last_beat:
+                since = now
+            self._seen[worker_id] = (beat, since)
+            if now - since >= self.timeout_s:
+                hung.append(worker_id)
+        return hung

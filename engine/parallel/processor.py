@@ -1,35 +1,39 @@
-"""ParallelBatchProcessor: data-parallel training steps across persistent worker processes."""
+"""ParallelBatchProcessor: data-parallel training passes run by persistent worker processes."""
+import math
 import os
 import time
 import warnings
+import weakref
 
 import numpy as np
 
 from engine.core import kernels
-from engine.parallel import memory, signals
-from engine.parallel import workspace as ws
-from engine.parallel import worker as ops
 from engine.core.errors import NonFiniteLossError
-from engine.core.kernels import clip_scale
 from engine.core.optim import make_optimizer
-from engine.parallel.pool import WorkerPool, default_start_method
-from engine.parallel.shm import sweep_orphaned_blocks
+from engine.core.protocol import check_model_contract
+from engine.core.sharding import partition
 from engine.core.state import NetworkState
-from engine.core.sharding import partition, shard_coefficients, split_batch
-from engine.parallel.system import usable_cores
 from engine.core.validation import (check_data, check_learning_rate, check_model, check_params,
-                               check_processor_options, check_state)
+                                    check_processor_options, check_state)
+from engine.parallel import memory, signals
+from engine.parallel import worker as ops
+from engine.parallel import workspace as ws
+from engine.parallel.barrier import Barriers
+from engine.parallel.pool import WorkerPool, default_start_method
+from engine.parallel.shm import check_shared_memory_space, sweep_orphaned_blocks
+from engine.parallel.system import usable_cores
 from engine.parallel.workspace import DataArrays, Workspace
 
 _warned_oversubscription = False
+_FINGERPRINT_ROWS = 64
 
 
 class ParallelBatchProcessor:
     """Splits every global batch across worker processes that share the model state in memory.
 
     Each step, the global batch of ``batch_size`` examples is cut into ``num_processes`` contiguous
-    shards (sizes differ by at most one). Workers read the shared state, compute their shard's mean
-    loss and gradients, and exchange them through shared memory; no array is pickled per step.
+    shards (sizes differ by at most one). The workers run a whole pass by themselves, meeting at
+    shared-memory barriers; the owner writes the pass's plan once and sleeps. Nothing is pickled.
 
     * ``sync="gradients"``: gradients are averaged weighted by shard size (so the average is the
       gradient of the mean loss over the whole batch) as a reduce-scatter, and one optimizer update
@@ -44,7 +48,8 @@ class ParallelBatchProcessor:
       every synchronisation in both modes.
 
     Args:
-        model: an object following the model protocol (see ``models``).
+        model: an object following the model protocol (see ``models``); checked by a dry run on
+            two examples before any worker starts.
         num_processes: worker processes; None means one per usable core (affinity and cgroups).
             1 runs in this process with the same maths (the debugging mode and test oracle).
         batch_size: global batch size (examples per step, all workers together).
@@ -52,8 +57,11 @@ class ParallelBatchProcessor:
         optimizer: "sgd", "adam", "adamw", or an object such as ``engine.SGD(momentum=0.9)``.
             Its state persists across calls until :meth:`reset_optimizer`.
         seed: seeds batch shuffling and each worker's per-step random stream (dropout).
-        start_method: "fork", "spawn" or "forkserver"; None picks forkserver on Linux.
-        timeout_s: longest one phase of a step may take; a worker past it is killed and replaced.
+        start_method: "fork", "spawn" or "forkserver"; None picks fork on Linux (spawn once
+            TensorFlow is imported, which is not fork-safe).
+        timeout_s: longest a worker may go without progress (one phase of a step); a worker past
+            it is killed and replaced. None (the default here; ``fit`` and the CLI set one)
+            waits forever. The attribute may be changed between calls.
         max_restarts: dead or hung workers replaced per call (the step is recomputed; in gradients
             mode the result is identical); one more raises WorkerCrashedError/WorkerTimeoutError.
         micro_batch_size: most examples a worker runs through the model at once; a larger shard
@@ -74,7 +82,7 @@ class ParallelBatchProcessor:
                              f"{self.num_processes} processes.")
         self.batch_size, self.sync, self.update_interval = batch_size, sync, update_interval
         self.optimizer = make_optimizer(optimizer)
-        self.seed, self.timeout_s = int(seed), timeout_s
+        self.seed, self._timeout_s = int(seed), timeout_s
         self.start_method = start_method or default_start_method()
         self.threads_per_process = max(1, cores // self.num_processes)
         if self.num_processes > cores:
@@ -85,11 +93,32 @@ class ParallelBatchProcessor:
         self._governor, self._micro_batch_changes = memory.MicroBatchGovernor(), []
         self._steps_since_average = 0
         self._returned_state = None
+        self._contract_checked = None   # the layout whose model passed the dry run
+        self._data_key = None           # what the data block holds (see _load_data)
         self._rng = np.random.default_rng(self.seed)
+
+    @property
+    def timeout_s(self):
+        return self._timeout_s
+
+    @timeout_s.setter
+    def timeout_s(self, value):
+        check_processor_options(self.num_processes, self.batch_size, self.sync,
+                                self.update_interval, value, None, self.seed)
+        self._timeout_s = value
+        if self._executor is not None:
+            self._executor.timeout_s = value
 
     # -- public API ------------------------------------------------------------------------------
     def run_parallel(self, examples, labels, initial_state, params=None):
         """One pass over ``examples`` in shuffled batches of ``batch_size``.
+
+        The data set is copied into shared memory and validated (finite values, labels, shapes)
+        once: a later call with the *same array objects* (same shape, dtype and memory, and the
+        same values in a fingerprint of 64 rows spread over the array) reuses it. An array changed
+        in place outside those rows is not noticed: pass a new array, or call
+        :meth:`forget_data`. Likewise ``initial_state`` is checked once: the state this processor
+        returned is taken as it is.
 
         Args:
             examples: array (n, *feature_shape). labels: integer class indices (n,).
@@ -107,61 +136,43 @@ class ParallelBatchProcessor:
             WorkerError, WorkerCrashedError, WorkerTimeoutError (the pool is torn down first).
         """
         learning_rate, update_weights, clip_norm = check_params(params)
-        examples, labels = self._prepare(examples, labels, initial_state)
-        self._begin_call()
-        order = self._rng.permutation(len(examples)) if update_weights else None
-        self._load_data(examples, labels, order)
+        rows = self._prepare(examples, labels, initial_state, reuse=True)
+        if update_weights:
+            self._data.order[:rows] = self._rng.permutation(rows)
         self._load_state(initial_state)
-        records = []
-        for start in range(0, len(examples), self.batch_size):
-            rows = min(self.batch_size, len(examples) - start)
-            if update_weights:
-                records.append(self._train_step(start, rows, learning_rate, clip_norm))
-            else:
-                records.append(self._evaluate_step(start, rows))
-        if update_weights and self.sync == "states" and self._steps_since_average:
-            self._average_states()
-        results = _collect(records, self._work.results[:, ws.PEAK_RSS])
-        results["restarts"] = self._take_restarts()
-        results["micro_batch_changes"], self._micro_batch_changes = self._micro_batch_changes, []
-        if not update_weights:
-            results["predictions"] = self._data.predictions[:len(examples)].copy()
+        kind = ws.TRAIN if update_weights else ws.EVALUATE
+        results = self._run_pass(kind, rows, learning_rate, clip_norm, ordered=update_weights,
+                                 end=ws.END_AVERAGE_STATES)
         return self._current_state(), results
 
     def process_batch(self, examples, labels, state, params=None):
         """One step on one global batch (all of ``examples``), split across the workers.
 
         Returns ``(state, batch_results)`` with scalar ``loss``, ``examples``, timings and
-        ``predictions`` when evaluating. In ``sync="states"`` mode, passing back the state object
-        this method returned continues the workers' local states; any other state restarts them
-        all from it. The returned state is the (example-weighted) average of the local states.
+        ``predictions`` when evaluating. In ``sync="states"`` mode, passing back the state this
+        method returned (or an equal one) continues the workers' local states; any other state
+        restarts them all from it. The returned state is the (example-weighted) average of the
+        local states.
         """
         learning_rate, update_weights, clip_norm = check_params(params)
-        examples, labels = self._prepare(examples, labels, state)
-        self._begin_call()
-        self._load_data(examples, labels, None)
-        if state is not self._returned_state or self.sync == "gradients":
-            self._load_state(state)
-        rows = len(examples)
-        if update_weights:
-            record = self._train_step(0, rows, learning_rate, clip_norm)
-        else:
-            record = self._evaluate_step(0, rows)
-        results = {key: value[0] for key, value in _collect([record], []).items()
-                   if key not in ("peak_rss_bytes", "mean_loss")}
-        results["peak_rss_bytes"] = self._work.results[:, ws.PEAK_RSS].astype(np.int64).tolist()
-        results["restarts"] = self._take_restarts()
-        results["micro_batch_changes"], self._micro_batch_changes = self._micro_batch_changes, []
-        if not update_weights:
-            results["predictions"] = self._data.predictions[:rows].copy()
-        if update_weights and self.sync == "states" and self._steps_since_average:
-            # Average of the local states into ``reduced``, leaving the local states as they are.
-            self._work.coefficients[:] = shard_coefficients(self._work.results[:, ws.SINCE_SYNC])
-            self._run(ops.REDUCE)
-            self._returned_state = NetworkState.from_buffer(self._layout,
-                                                            self._work.averaged.copy())
+        rows = self._prepare(examples, labels, state, reuse=False)
+        self._load_state(state)
+        kind = ws.TRAIN if update_weights else ws.EVALUATE
+        averaging_due = (self._steps_since_average + 1) % self.update_interval == 0
+        results = self._run_pass(kind, rows, learning_rate, clip_norm, ordered=False,
+                                 end=ws.END_MEAN_INTO_REDUCED, one_step=True)
+        results = {key: (value[0] if isinstance(value, np.ndarray) and key not in (
+            "peak_rss_bytes", "predictions") else value) for key, value in results.items()
+            if key != "mean_loss"}
+        results["peak_rss_bytes"] = results["peak_rss_bytes"].tolist()
+        if update_weights and self.sync == "states" and not averaging_due:
+            self._returned_state = NetworkState.from_buffer(self._layout, self._work.reduced.copy())
             return self._returned_state, results
         return self._current_state(), results
+
+    def forget_data(self):
+        """Make the next call copy and validate its data again (after changing it in place)."""
+        self._data_key = None
 
     def training_state(self):
         """What resuming needs beyond the NetworkState: optimizer buffers and step count, and the
@@ -184,37 +195,33 @@ class ParallelBatchProcessor:
             raise ValueError(f"saved optimizer state has shape {saved['optimizer'].shape}, this "
                              f"processor needs {self._work.optimizer.shape}: the model, optimizer, "
                              "sync mode or process count differ from the saved run.")
-        self._work.optimizer[...] = saved["optimizer"]
-        self._work.control[ws.STEP] = saved["step"]
+        self._set_step(saved["step"], saved["optimizer"])
 
-    def _begin_call(self):
-        """Each call gets max_restarts replacements and reports its own restarts."""
-        if isinstance(self._executor, WorkerPool):
-            self._executor.reset_restart_budget()
-            self._executor.restarts.clear()
-
-    def _take_restarts(self):
-        if isinstance(self._executor, WorkerPool):
-            restarts, self._executor.restarts = self._executor.restarts, []
-            return restarts
-        return []
+    def _set_step(self, step, optimizer):
+        """Make ``step`` the current global step with ``optimizer`` as its optimizer state (the
+        state's version follows the step's parity, so the parameters move along)."""
+        work = self._work
+        params = work.params.copy()
+        work.control[ws.STEP] = step
+        work.optimizer[...] = optimizer
+        work.params[...] = params
 
     def reset_optimizer(self):
         """Forget optimizer state (momentum, Adam moments and step count)."""
         self._kept_optimizer = None
         if self._work is not None:
             self._work.versions_of_optimizer.fill(0.0)
-            self._work.control[ws.STEP] = 0
+            self._set_step(0, 0.0)
 
     @property
     def worker_pids(self):
         """PIDs of the worker processes (empty in-process or before the first call)."""
-        return self._executor.pids if isinstance(self._executor, WorkerPool) else []
+        return [] if self._executor is None else self._executor.pids
 
     def close(self):
         """Stop the workers and release all shared memory. Safe to call more than once."""
         executor, self._executor = self._executor, None
-        if isinstance(executor, WorkerPool):
+        if executor is not None:
             executor.close()
         if getattr(self, "_holds_sigterm", False):
             self._holds_sigterm = False
@@ -222,15 +229,14 @@ class ParallelBatchProcessor:
         if self._work is not None:
             # The optimizer state outlives the pool (a PyTorch optimizer outlives its process
             # group): a call after close(), or after a failure tore the pool down, goes on with the
-            # same moments and step count. In gradients mode the current version is intact even
-            # when a worker died mid-update.
+            # same moments and step count (a failed call rolled them back to its start).
             self._kept_optimizer = (self._layout, self._work.optimizer.copy(),
                                     int(self._work.control[ws.STEP]))
         for arrays in (self._data, self._work):
             if arrays is not None:
                 arrays.close()
         self._data = self._work = self._layout = None
-        self._returned_state = None
+        self._returned_state = self._data_key = None
 
     def __enter__(self):
         return self
@@ -245,75 +251,128 @@ class ParallelBatchProcessor:
             pass
 
     # -- setup -----------------------------------------------------------------------------------
-    def _prepare(self, examples, labels, state):
-        """Validate everything the call received; start the workers for this state's layout."""
+    def _prepare(self, examples, labels, state, reuse):
+        """Validate what the call received (data and state once each), start the workers for this
+        state's layout, and put the data in shared memory. Returns the number of rows."""
         check_model(self.model)
         layout = self._layout or self.model.init_state(self.seed).layout
-        check_state(state, layout)
-        feature_shape, num_outputs = self._model_shapes(state, examples)
-        examples, labels = check_data(examples, labels, feature_shape, num_outputs)
+        if state is not self._returned_state or state is None:
+            check_state(state, layout)
+        key = _data_key(examples, labels) if reuse else None
+        if key is not None and key == self._data_key and self._layout == state.layout:
+            return self._data_rows
+        examples, labels, num_outputs = self._check_model_and_data(state, examples, labels)
+        self._check_shared_space(state.layout, examples, num_outputs)
         self._start(state.layout, num_outputs)
-        return examples, labels
+        self._load_data(examples, labels)
+        self._data_key, self._data_rows = key, len(examples)
+        return len(examples)
 
-    def _model_shapes(self, state, examples):
-        """Feature shape and number of outputs: from the model's attributes, or a dry run."""
+    def _check_model_and_data(self, state, examples, labels):
+        """Feature shape and outputs from the model's attributes (or a one-example prediction),
+        the data checked against them, and the model contract dry-run once per layout."""
         shape, outputs = getattr(self.model, "input_shape", None), getattr(self.model, "num_outputs",
                                                                             None)
-        if shape is not None and outputs is not None:
-            return tuple(shape), int(outputs)
-        sample = np.asarray(examples)[:1].astype(np.float32)
-        try:
-            predictions = np.asarray(self.model.predict(state, sample))
-        except Exception as error:
-            raise ValueError(f"the model cannot take examples of feature shape {sample.shape[1:]}: "
-                             f"a one-example dry run raised {type(error).__name__}: {error}") from None
-        return tuple(sample.shape[1:]), int(predictions.shape[-1])
+        if shape is None or outputs is None:
+            sample = np.asarray(examples)[:1]
+            try:
+                sample = sample.astype(np.float32)
+                outputs = np.asarray(self.model.predict(state, sample)).shape[-1]
+            except Exception as error:
+                raise ValueError(f"the model cannot take examples of feature shape "
+                                 f"{sample.shape[1:]}: a one-example dry run raised "
+                                 f"{type(error).__name__}: {error}") from None
+            shape = sample.shape[1:]
+        examples, labels = check_data(examples, labels, tuple(shape), int(outputs))
+        if self._contract_checked != state.layout:
+            check_model_contract(self.model, state, examples[:2].astype(np.float32, copy=False),
+                                 labels[:2], int(outputs))
+            self._contract_checked = state.layout
+        return examples, labels, int(outputs)
 
-    def _start(self, layout, num_outputs):
-        if self._layout == layout:
-            return
-        self.close()
-        sweep_orphaned_blocks()
+    def _workspace_spec(self, layout):
         gradients = self.sync == "gradients"
-        spec = Workspace.make_spec(layout.size, layout.num_weights, self.num_processes,
+        return Workspace.make_spec(layout.size, layout.num_weights, self.num_processes,
                                    versions=2 if gradients else 1,
                                    optimizer_copies=1 if gradients else self.num_processes,
                                    optimizer_buffers=self.optimizer.num_buffers)
+
+    def _data_spec(self, rows, feature_shape, num_outputs):
+        return DataArrays.make_spec(rows, feature_shape, num_outputs, self.batch_size,
+                                    self.num_processes)
+
+    def _check_shared_space(self, layout, examples, num_outputs):
+        """Refuse, before creating anything, a run whose blocks do not fit in /dev/shm (a page
+        fault past a full tmpfs is a SIGBUS, not an error)."""
+        if self.num_processes == 1:
+            return
+        sizes = []
+        if self._layout != layout or self._executor is None:
+            sizes.append(Workspace.nbytes(self._workspace_spec(layout)))
+        data = self._data
+        if sizes or data is None or data.spec["capacity"] < len(examples) or \
+                data.spec["feature_shape"] != tuple(examples.shape[1:]):
+            sizes.append(DataArrays.nbytes(self._data_spec(len(examples), examples.shape[1:],
+                                                           num_outputs)))
+        if sizes:
+            check_shared_memory_space(*sizes)
+
+    def _start(self, layout, num_outputs):
+        if self._layout == layout and self._executor is not None:
+            return
+        self.close()
+        try:
+            self._start_workers(layout, num_outputs)
+        except BaseException:
+            self.close()  # a start that failed half way leaves nothing behind: the next call starts
+            raise
+
+    def _start_workers(self, layout, num_outputs):
+        sweep_orphaned_blocks()
+        spec = self._workspace_spec(layout)
         shared = self.num_processes > 1
         memory.check_fits(Workspace.nbytes(spec), self.num_processes if shared else 0,
                           layout.size * 4)
-        self._work = Workspace(spec, shared=shared, create=True)
-        self._work.state_bounds[:] = partition(layout.size, self.num_processes)
-        self._work.control[ws.SEED] = self.seed
-        self._work.control[ws.MICRO_BATCH] = self.micro_batch_size or 0
+        self._work = work = Workspace(spec, shared=shared, create=True)
+        work.state_bounds[:] = partition(layout.size, self.num_processes)
+        work.control[ws.SEED] = self.seed
+        work.control[ws.MICRO_BATCH] = self.micro_batch_size or 0
+        work.control[ws.UPDATE_INTERVAL] = self.update_interval
         kept, self._kept_optimizer = self._kept_optimizer, None
         if self._pending_training_state is not None:
             self._apply_training_state()
-        elif kept is not None and kept[0] == layout and kept[1].shape == self._work.optimizer.shape:
-            self._work.optimizer[...] = kept[1]
-            self._work.control[ws.STEP] = kept[2]
-        self._layout, self._num_outputs = layout, num_outputs
+        elif kept is not None and kept[0] == layout and kept[1].shape == work.optimizer.shape:
+            self._set_step(kept[2], kept[1])
+        self._num_outputs = num_outputs
+        self._barriers = Barriers(work.arrivals, work.doorbell, work.abort)
         if shared:
             kernels.warm_up()  # forked workers inherit compiled kernels
             self._holds_sigterm = signals.hold()
+            results = work.results
             self._executor = WorkerPool(
                 dict(model=self.model, layout=layout, optimizer=self.optimizer, sync=self.sync,
-                     workspace=self._work.spec, threads=self.threads_per_process,
+                     workspace=work.spec, threads=self.threads_per_process,
                      owner_pid=os.getpid()),
-                self.num_processes, self.start_method, self.timeout_s, self.max_restarts)
+                self.num_processes, self.start_method, self._timeout_s, self.max_restarts,
+                progress=lambda i: (results[i, ws.HEARTBEAT], results[i, ws.WAITING],
+                                    int(results[i, ws.CURRENT_STEP])),
+                abort=self._barriers.abort_all, tick=self._tick)
         else:
-            self._executor = _InProcess(ops.WorkerCore(0, self.model, layout, self.optimizer,
-                                                       self._work))
+            self._executor = InProcessExecutor(ops.WorkerCore(0, self.model, layout,
+                                                              self.optimizer, work,
+                                                              sync=self.sync))
+        self._layout = layout
 
-    def _load_data(self, examples, labels, order):
-        """Copy (shuffled) examples into the data block; workers then slice their shards from it."""
+    def _load_data(self, examples, labels):
+        """Copy examples and labels into the data block (grown when too small); workers read
+        their shards through each pass's order."""
         rows, feature_shape = len(examples), tuple(examples.shape[1:])
         data = self._data
         if data is None or data.spec["capacity"] < rows or \
                 data.spec["feature_shape"] != feature_shape:
             if data is not None:
                 data.close()  # workers still map it until they attach the new block; that is fine
-            spec = DataArrays.make_spec(rows, feature_shape, self._num_outputs)
+            spec = self._data_spec(rows, feature_shape, self._num_outputs)
             memory.check_fits(DataArrays.nbytes(spec), 0, 0)
             self._data = data = DataArrays(spec, shared=self.num_processes > 1, create=True)
             try:
@@ -321,157 +380,197 @@ class ParallelBatchProcessor:
             except BaseException:
                 self.close()
                 raise
-        if order is not None and examples.dtype == np.float32 and examples.flags.c_contiguous:
-            # One gather straight into shared memory (fancy indexing would copy twice).
-            np.take(examples, order, axis=0, out=data.examples[:rows])
-            np.take(labels, order, out=data.labels[:rows])
-            return
         chunk = max(1, (64 << 20) // max(1, examples[:1].nbytes))  # bound the temporary to ~64 MiB
         for start in range(0, rows, chunk):
             stop = min(rows, start + chunk)
-            index = slice(start, stop) if order is None else order[start:stop]
-            data.examples[start:stop] = examples[index]
-            data.labels[start:stop] = labels[index]
+            data.examples[start:stop] = examples[start:stop]
+            data.labels[start:stop] = labels[start:stop]
 
     def _load_state(self, state):
-        self._work.params[:] = state.buffer
-        self._work.control[ws.REFRESH] = 1.0
-        self._work.results[:, ws.SINCE_SYNC] = 0.0
+        """Put ``state`` in shared memory, unless it is (a copy of) the state this processor
+        returned last: then the shared state, and in states mode the workers' local states, go on
+        from where they are."""
+        returned = self._returned_state
+        if returned is not None and (state is returned or np.array_equal(
+                state.buffer.view(np.uint32), returned.buffer.view(np.uint32))):
+            return
+        work = self._work
+        work.params[:] = state.buffer
+        work.control[ws.REFRESH] = 1.0
+        work.results[:, ws.SINCE_SYNC] = 0.0
         self._steps_since_average = 0
 
     def _current_state(self):
         self._returned_state = NetworkState.from_buffer(self._layout, self._work.params.copy())
         return self._returned_state
 
-    # -- steps -----------------------------------------------------------------------------------
-    def _set_shards(self, start, rows):
-        self._work.shard_bounds[:] = split_batch(rows, self.num_processes) + start
-
-    def _train_step(self, start, rows, learning_rate, clip_norm):
-        work = self._work
-        step = int(work.control[ws.STEP])
-        self._set_shards(start, rows)
-        self._adjust_micro_batch(step, rows)
-        if callable(learning_rate):
-            learning_rate = check_learning_rate(learning_rate(step), step)
-        work.control[ws.LEARNING_RATE] = learning_rate
+    # -- a pass ----------------------------------------------------------------------------------
+    def _run_pass(self, kind, rows, learning_rate, clip_norm, ordered, end, one_step=False):
+        """Plan a pass in shared memory, let the workers run it, and collect its results."""
+        work, data, control = self._work, self._data, self._work.control
+        base = int(control[ws.STEP])
+        num_steps = 1 if one_step else -(-rows // self.batch_size)
+        control[ws.PASS_KIND], control[ws.NUM_STEPS], control[ws.ROWS] = kind, num_steps, rows
+        control[ws.BATCH_SIZE] = rows if one_step else self.batch_size
+        control[ws.ORDERED] = 1.0 if ordered else 0.0
+        control[ws.CLIP_NORM] = math.nan if clip_norm is None else clip_norm
+        control[ws.SINCE_AVERAGE], control[ws.END_AVERAGE] = self._steps_since_average, end
+        if kind == ws.TRAIN:
+            data.step_learning_rates[:num_steps] = _learning_rates(learning_rate, base, num_steps)
+            self._adjust_micro_batch(base, rows)
+        data.records[:num_steps] = 0.0
+        work.results[:, ws.STOP_STEP] = ws.NOT_STOPPED
+        self._barriers.reset()
+        self._executor.reset_restart_budget()
+        # A failed call leaves the optimizer as it was at its start (the state is the caller's).
+        saved_optimizer = work.optimizer.copy() if kind == ws.TRAIN else None
         began = time.perf_counter()
-        if self.sync == "gradients":
-            self._run(ops.COMPUTE, step)
-            computed = time.perf_counter()
-            loss = self._checked_loss(step, rows, check_gradients=True)
-            work.coefficients[:] = shard_coefficients(work.results[:, ws.COUNT])
-            if clip_norm is None:
-                work.control[ws.SCALE] = 1.0
-                self._run(ops.REDUCE_UPDATE, step)
-                grad_norm = float(np.sqrt(work.results[:, ws.SUM_SQUARES].sum()))
+        try:
+            self._executor.run(ops.RUN_PASS, base)
+        except BaseException:
+            if self._work is not None and saved_optimizer is not None:
+                self._set_step(base, saved_optimizer)
+            self.close()
+            raise
+        ended = time.perf_counter()
+        restarts, self._executor.restarts = self._executor.restarts, []
+        if kind == ws.TRAIN:
+            self._finish_training_pass(base, num_steps, end)
+        results = _collect(data.records[:num_steps], data.step_learning_rates[:num_steps],
+                           kind, self.sync, began, ended)
+        results["peak_rss_bytes"] = work.results[:, ws.PEAK_RSS].astype(np.int64)
+        results["restarts"] = restarts
+        results["micro_batch_changes"], self._micro_batch_changes = self._micro_batch_changes, []
+        if kind == ws.EVALUATE:
+            results["predictions"] = data.predictions[:rows].copy()
+        return results
+
+    def _finish_training_pass(self, base, num_steps, end):
+        work, records = self._work, self._data.records
+        stops = work.results[:, ws.STOP_STEP]
+        if np.any(stops >= 0):
+            k = int(stops[stops >= 0].min())
+            row = records[k]
+            loss = float(np.dot(row[:, ws.R_COUNT], row[:, ws.R_LOSS]) / max(1, row[:, ws.R_COUNT].sum()))
+            if not np.isfinite(loss):
+                what = "the loss is"
+            elif not np.all(np.isfinite(row[:, ws.R_GRAD_SQUARES])):
+                what = "the gradients are"
             else:
-                self._run(ops.REDUCE, step)
-                grad_norm = float(np.sqrt(work.results[:, ws.SUM_SQUARES].sum()))
-                work.control[ws.SCALE] = clip_scale(grad_norm, clip_norm)
-                self._run(ops.UPDATE, step)
-            self._check_new_parameters(step, loss)
-            work.flip()
-        else:
-            self._run(ops.LOCAL_STEP, step)
+                what = "the updated parameters are"
+            # Gradients mode: step k's update went into the next version, the current one is the
+            # last good state. States mode: ``params`` holds the last average.
+            work.control[ws.STEP] = base + k
+            if self.sync == "states":
+                work.control[ws.REFRESH] = 1.0
+                self._steps_since_average = 0
+            last_good = NetworkState.from_buffer(self._layout, work.params.copy())
+            self._returned_state = None
+            raise NonFiniteLossError(base + k, loss, last_good, what=what)
+        work.control[ws.STEP] = base + num_steps
+        if self.sync == "states":
             work.control[ws.REFRESH] = 0.0
-            computed = time.perf_counter()
-            loss = self._checked_loss(step, rows, check_gradients=False)
-            self._check_new_parameters(step, loss)
-            grad_norm = float("nan")
-            self._steps_since_average += 1
-            if self._steps_since_average >= self.update_interval:
-                self._average_states()
-        work.control[ws.STEP] = step + 1
-        record = _record(loss, rows, work.results[:, ws.COMPUTE_S].max(), began, computed,
-                         time.perf_counter(), grad_norm)
-        record["learning_rate"] = learning_rate
-        return record
+            since = self._steps_since_average + num_steps
+            self._steps_since_average = 0 if end == ws.END_AVERAGE_STATES else \
+                since % self.update_interval
 
     def _adjust_micro_batch(self, step, rows):
-        """Under memory pressure, halve the workers' micro-batch (the maths stays the same)."""
+        """Under memory pressure, halve the workers' micro-batch (the maths stays the same);
+        checked at the start of each pass and, through the pool's tick, every half second of it
+        (workers read the micro-batch at every step)."""
+        self._pass_rows = rows
         control = self._work.control
         current = int(control[ws.MICRO_BATCH])
-        chosen = self._governor.adjust(time.monotonic(), current, -(-rows // self.num_processes))
+        chosen = self._governor.adjust(time.monotonic(), current,
+                                       -(-min(rows, self.batch_size) // self.num_processes))
         if chosen != current:
             control[ws.MICRO_BATCH] = chosen
             self._micro_batch_changes.append({"step": step, "micro_batch_size": chosen})
 
-    def _run(self, op, step=None):
-        """Run one operation on every worker; any failure releases the pool and shared memory
-        (the next call starts a fresh pool)."""
-        try:
-            self._executor.run(op, step)
-        except BaseException:
-            self.close()
-            raise
-
-    def _average_states(self):
+    def _tick(self):
+        """The owner's periodic work while workers run a pass."""
         work = self._work
-        work.coefficients[:] = shard_coefficients(work.results[:, ws.SINCE_SYNC])
-        self._run(ops.AVERAGE)
-        work.control[ws.REFRESH] = 1.0
-        self._steps_since_average = 0
-
-    def _evaluate_step(self, start, rows):
-        self._set_shards(start, rows)
-        began = time.perf_counter()
-        self._run(ops.EVALUATE)
-        ended = time.perf_counter()
-        results = self._work.results
-        loss = float(np.dot(results[:, ws.COUNT], results[:, ws.LOSS]) / rows)
-        record = _record(loss, rows, results[:, ws.COMPUTE_S].max(), began, ended, ended,
-                         float("nan"))
-        record["learning_rate"] = float("nan")
-        return record
-
-    def _check_new_parameters(self, step, loss):
-        """Refuse an update that made parameters non-finite (a learning rate far too large).
-
-        In gradients mode the update went into the next version of the state, so the current one
-        is still the last good state; in states mode ``params`` holds the last average.
-        """
-        if not np.all(self._work.results[:, ws.NON_FINITE] == 0.0):
-            last_good = NetworkState.from_buffer(self._layout, self._work.params.copy())
-            raise NonFiniteLossError(step, loss, last_good, what="the updated parameters are")
-
-    def _checked_loss(self, step, rows, check_gradients):
-        results = self._work.results
-        loss = float(np.dot(results[:, ws.COUNT], results[:, ws.LOSS]) / rows)
-        gradients_finite = not check_gradients or np.all(np.isfinite(results[:, ws.SUM_SQUARES]))
-        if not (np.isfinite(loss) and gradients_finite):
-            # The shared params are untouched by this step (states mode: the last average).
-            last_good = NetworkState.from_buffer(self._layout, self._work.params.copy())
-            raise NonFiniteLossError(step, loss, last_good,
-                                     what="the gradients are" if np.isfinite(loss) else "the loss is")
-        return loss
+        if work is not None and int(work.control[ws.PASS_KIND]) == ws.TRAIN:
+            step = int(work.results[:, ws.CURRENT_STEP].max())
+            self._adjust_micro_batch(step, getattr(self, "_pass_rows", self.batch_size))
 
 
-class _InProcess:
-    """Runs the worker maths directly in this process (num_processes=1)."""
+class InProcessExecutor:
+    """Runs the worker maths in this process (num_processes=1), answering the pool's calls."""
 
     def __init__(self, core):
-        self.core = core
+        self.core, self.restarts, self.pids, self.timeout_s = core, [], [], None
 
     def run(self, op, step=None):
         self.core.run(op)
 
     def attach_data(self, data):
         self.core.data = data
+        self.core._rows_buffer = None
+
+    def reset_restart_budget(self):
+        pass
+
+    def close(self):
+        self.core = None
 
 
-def _record(loss, rows, compute_s, began, computed, ended, grad_norm):
-    return dict(loss=loss, examples=rows, compute_s=float(compute_s), sync_s=ended - computed,
-                wait_s=max(0.0, (computed - began) - compute_s), wall_s=ended - began,
-                grad_norm=grad_norm)
+def _data_key(examples, labels):
+    """What identifies a data set between calls: the array objects themselves (weakly), their
+    memory, shape and dtype, and the bytes of a fingerprint of rows spread over them."""
+    if not (isinstance(examples, np.ndarray) and isinstance(labels, np.ndarray)) or \
+            len(examples) == 0:
+        return None
+    rows = np.unique(np.linspace(0, len(examples) - 1, _FINGERPRINT_ROWS).astype(np.int64))
+    fingerprint = hash(np.ascontiguousarray(examples[rows]).tobytes() +
+                       np.ascontiguousarray(labels[rows % len(labels)]).tobytes())
+    return (_Same(examples), _Same(labels), examples.shape, examples.dtype.str,
+            examples.__array_interface__["data"][0], labels.shape, labels.dtype.str,
+            labels.__array_interface__["data"][0], fingerprint)
 
 
-def _collect(records, peak_rss):
-    results = {key: np.array([record[key] for record in records]) for key in records[0]}
-    results["examples"] = results["examples"].astype(np.int64)
-    results["peak_rss_bytes"] = np.asarray(peak_rss, dtype=np.int64)
-    results["mean_loss"] = float(np.dot(results["loss"], results["examples"]) /
-                                 results["examples"].sum())
+class _Same:
+    """Equal only to a key of the very same (still living) object."""
+
+    def __init__(self, obj):
+        self._ref = weakref.ref(obj)
+
+    def __eq__(self, other):
+        return isinstance(other, _Same) and self._ref() is not None and self._ref() is other._ref()
+
+    def __hash__(self):
+        return id(self._ref())
+
+
+def _learning_rates(learning_rate, base, num_steps):
+    if not callable(learning_rate):
+        return learning_rate
+    return [check_learning_rate(learning_rate(base + k), base + k) for k in range(num_steps)]
+
+
+def _collect(records, learning_rates, kind, sync, began, ended):
+    """Per-step results from the workers' records (steps x workers x fields)."""
+    counts = records[:, :, ws.R_COUNT]
+    examples = counts.sum(axis=1)
+    loss = (counts * records[:, :, ws.R_LOSS]).sum(axis=1) / np.maximum(examples, 1)
+    compute_s = records[:, :, ws.R_COMPUTE_S].max(axis=1)
+    started = records[:, 0, ws.R_STARTED]
+    if kind == ws.TRAIN and sync == "gradients":
+        computed, finished = records[:, 0, ws.R_COMPUTED], records[:, 0, ws.R_ENDED]
+        wall_s = finished - started
+        sync_s = finished - computed
+        wait_s = np.maximum(0.0, (computed - started) - compute_s)
+        grad_norm = np.sqrt(records[:, :, ws.R_SUM_SQUARES].sum(axis=1))
+    else:  # no barrier per step: a step lasts until the next one starts
+        wall_s = np.diff(np.append(started, ended))
+        sync_s = np.maximum(0.0, wall_s - compute_s)
+        wait_s = np.zeros(len(records))
+        grad_norm = np.full(len(records), np.nan)
+    results = dict(loss=loss, examples=examples.astype(np.int64), compute_s=compute_s,
+                   sync_s=sync_s, wait_s=wait_s, wall_s=wall_s, grad_norm=grad_norm,
+                   learning_rate=np.array(learning_rates, dtype=np.float64).copy()
+                   if kind == ws.TRAIN else np.full(len(records), np.nan))
+    results["mean_loss"] = float(np.dot(loss, examples) / max(1, examples.sum()))
     return results
 
 

@@ -1,19 +1,34 @@
-"""What a worker does for each operation, and the loop of a worker process.
+"""What a worker does in a pass, and the loop of a worker process.
 
-Message protocol (one pipe each way per worker, no pickling on the hot path)
----------------------------------------------------------------------------
-* The owner writes everything an operation needs (learning rate, step, shard bounds, averaging
-  coefficients) into the shared workspace, then sends a one-byte opcode on the worker's command
-  pipe. Only the rare ``ATTACH_DATA`` carries a pickled payload (the new data block's spec).
-* The worker runs the operation and answers with one byte: ``OK``, or ``FAILED`` followed by its
-  traceback text. The pipe's write/read pair orders memory: what a side wrote before sending is
-  visible to the other side after receiving.
-* The owner never sends the next operation until every worker has answered the current one, so
-  phases never overlap: all workers read ``params`` during ``COMPUTE`` before any of them writes it
-  in ``UPDATE``.
+Protocol (one pipe each way per worker; nothing is pickled on the hot path)
+--------------------------------------------------------------------------
+* The owner writes a pass's whole plan into shared memory (``engine.parallel.workspace``: step
+  count, the order of the rows, every step's learning rate, clipping, micro-batch), then sends
+  one byte, ``RUN_PASS``, to every worker, and sleeps on the answer pipes and process sentinels.
+* The workers run every step of the pass by themselves, meeting at shared-memory barriers
+  (``engine.parallel.barrier``). ``sync="gradients"``, step k: compute the shard's gradient into
+  the own slot -> barrier COMPUTED -> weighted mean of every slot over the own slice into
+  ``reduced`` and the optimizer update of that slice into the *next* version of the state ->
+  barrier UPDATED -> step k+1 (with clipping, a barrier REDUCED between the mean and the update,
+  for the global norm). ``sync="states"``: local steps with no barrier; every ``update_interval``
+  steps AVERAGE_IN -> mean of the local states over the own slice into ``params`` -> AVERAGE_OUT
+  -> copy ``params`` into the own slot.
+* Every worker decides from the same shared records, so all stop at the same step when a loss,
+  a gradient or an updated parameter is not finite (``results[i, STOP_STEP]``).
+* At the end of the pass each worker answers one byte, ``OK`` (or ``FAILED`` and its traceback).
+  The pipe's write/read pair orders memory for the owner's reads.
+
+Recovery: a worker's arrival counters are its progress record. A replacement for a dead or hung
+worker (started by ``engine.parallel.pool``) gets the same ``RUN_PASS`` and resumes exactly after
+the last phase its predecessor recorded: inputs of every phase are intact (slots are rewritten
+only after the barrier that follows their use; updates write the next version of the state), so
+in gradients mode the pass ends bitwise as without the fault. In states mode a predecessor that
+died while writing its local state in place (``DIRTY``) is restarted from the last average with
+fresh optimizer state; otherwise it too resumes exactly.
 A worker ignores SIGINT (the owner decides how to stop), and exits by itself when the owner dies.
 """
 import faulthandler
+import math
 import os
 import pickle
 import resource
@@ -25,16 +40,18 @@ import traceback
 
 import numpy as np
 
-from engine.parallel import workspace as ws
-from engine.parallel.faults import strike
-from engine.core.kernels import sum_squares, weighted_mean_into
+from engine.core import protocol
+from engine.core.kernels import clip_scale, sum_squares, weighted_mean_into
+from engine.core.sharding import split_batch
 from engine.core.state import NetworkState
+from engine.parallel import workspace as ws
+from engine.parallel.barrier import Aborted, Barriers, owner_pid_alive
 
-(COMPUTE, REDUCE, UPDATE, REDUCE_UPDATE, LOCAL_STEP, AVERAGE, EVALUATE, ATTACH_DATA,
- STOP) = range(9)
+RUN_PASS, REDUCE, ATTACH_DATA, STOP = range(4)
 OK, FAILED = 0, 1
 _HAS_PAYLOAD = 0x80
 _OWNER_CHECK_S = 1.0
+_STOPPED_BY_PEER = 2  # work.abort value: a peer found a non-finite value (states mode)
 
 
 def _peak_rss_bytes():
@@ -42,7 +59,7 @@ def _peak_rss_bytes():
 
 
 class _LazyRandom:
-    """A numpy Generator for (seed, worker, step), built only if the model draws from it.
+    """A numpy Generator for (seed, worker, step, chunk), built only if the model draws from it.
 
     Philox is counter-based: the stream of a step does not depend on what earlier steps drew, so a
     step recomputed after a failure sees the same dropout masks.
@@ -62,196 +79,362 @@ class _LazyRandom:
 class WorkerCore:
     """The maths of one worker on shared (or, in-process, private) arrays."""
 
-    def __init__(self, worker_id, model, layout, optimizer, work, data=None, faults=()):
+    def __init__(self, worker_id, model, layout, optimizer, work, data=None, *, sync="gradients",
+                 owner_pid=None):
         self.worker_id, self.model, self.layout, self.optimizer = worker_id, model, layout, optimizer
-        self.work, self.data, self.faults = work, data, list(faults)
+        self.work, self.data, self.sync = work, data, sync
+        self.num_workers = len(work.slots)
         self.num_weights = layout.num_weights
-        self._params_states = [NetworkState.from_buffer(layout, version)
-                               for version in work.versions_of_params]
-        self.local_state = NetworkState.from_buffer(layout, work.slots[worker_id])
-        self.slot_weights, self.slot_theta = layout.views(work.slots[worker_id])
+        self.barriers = Barriers(work.arrivals, work.doorbell, work.abort, owner_pid=owner_pid)
+        self.results = work.results[worker_id]
+        self._versions = [NetworkState.from_buffer(layout, version)
+                          for version in work.versions_of_params]
+        self.slot = work.slots[worker_id]
+        self.local_state = NetworkState.from_buffer(layout, self.slot)
+        self.slot_weights, self.slot_theta = layout.views(self.slot)
         start, stop = work.state_bounds[worker_id], work.state_bounds[worker_id + 1]
         self.state_slice = (int(start), int(stop))
         self.weight_slice = (int(start), int(min(stop, self.num_weights)))
         self.theta_slice = (int(max(start, self.num_weights)), int(stop))
+        self.takes_rng, self.takes_out = protocol.loss_and_grads_options(model)
         self._local_flat = None  # sync="states" only; allocated by its first local step
-
-    @property
-    def params_state(self):
-        return self._params_states[int(self.work.control[ws.PARITY]) % len(self._params_states)]
+        self._rows_buffer = None
+        self._splits = {}
 
     def run(self, op):
-        handler = {COMPUTE: self.compute, REDUCE: self.reduce, UPDATE: self.update,
-                   REDUCE_UPDATE: self.reduce_update, LOCAL_STEP: self.local_step,
-                   AVERAGE: self.average, EVALUATE: self.evaluate}[op]
-        handler()
-        self.work.results[self.worker_id, ws.PEAK_RSS] = _peak_rss_bytes()
+        if op == RUN_PASS:
+            self.run_pass()
+        elif op == REDUCE:
+            self.reduce()
+        else:
+            raise ValueError(f"unknown operation {op}")
+
+    # -- a pass ----------------------------------------------------------------------------------
+    def run_pass(self):
+        """Run (or, for a replacement, resume) the pass planned in ``control``."""
+        control = self.work.control
+        try:
+            if int(control[ws.PASS_KIND]) == ws.EVALUATE:
+                self._evaluate_pass()
+            elif self.sync == "gradients":
+                self._gradient_pass()
+            else:
+                self._states_pass()
+        except Aborted:
+            pass  # the owner is tearing the pool down, or a peer stopped the pass
+        finally:
+            self.results[ws.WAITING] = 0.0
+            self.results[ws.PEAK_RSS] = _peak_rss_bytes()
+
+    def _plan(self):
+        control = self.work.control
+        return (int(control[ws.NUM_STEPS]), int(control[ws.STEP]), int(control[ws.ROWS]),
+                int(control[ws.BATCH_SIZE]))
+
+    def _shard(self, k, rows, batch_size):
+        """Bounds of this worker's shard of pass step ``k`` (positions in the pass's order)."""
+        first = k * batch_size
+        size = min(batch_size, rows - first)
+        bounds = self._splits.get(size)
+        if bounds is None:
+            bounds = self._splits[size] = split_batch(size, self.num_workers)
+        return first + int(bounds[self.worker_id]), first + int(bounds[self.worker_id + 1])
+
+    def _rows(self, start, stop):
+        """Examples and labels at positions [start, stop) of the pass: gathered through the pass's
+        order into a private buffer (training), or a zero-copy slice (evaluation, process_batch)."""
+        data = self.data
+        if not self.work.control[ws.ORDERED]:
+            return data.examples[start:stop], data.labels[start:stop]
+        count = stop - start
+        if self._rows_buffer is None or len(self._rows_buffer[0]) < count:
+            self._rows_buffer = (np.empty((count,) + data.examples.shape[1:], np.float32),
+                                 np.empty(count, np.int64))
+        x, y = self._rows_buffer[0][:count], self._rows_buffer[1][:count]
+        index = data.order[start:stop]
+        np.take(data.examples, index, axis=0, out=x)
+        np.take(data.labels, index, out=y)
+        return x, y
+
+    def _beat(self, step):
+        results = self.results
+        results[ws.HEARTBEAT] += 1.0
+        results[ws.CURRENT_STEP] = step
+
+    def _sleeping(self):
+        self.results[ws.WAITING] = 1.0
+
+    def _awake(self):
+        self.results[ws.WAITING] = 0.0
+        self.results[ws.HEARTBEAT] += 1.0
+
+    def _wait(self, kind, round_number):
+        self.barriers.wait(kind, round_number, self._sleeping, self._awake)
 
     # -- sync="gradients" ------------------------------------------------------------------------
-    def compute(self):
-        """Loss and gradients of this worker's shard at ``params``, written into its slot."""
-        self._run_timed(self._compute)
+    def _gradient_pass(self):
+        barriers, i, control = self.barriers, self.worker_id, self.work.control
+        num_steps, base, rows, batch_size = self._plan()
+        clip_norm = control[ws.CLIP_NORM]
+        clip_norm = None if math.isnan(clip_norm) else float(clip_norm)
+        records = self.data.records
+        k = barriers.count(ws.UPDATED, i)  # steps completed (by this worker or its predecessor)
+        while k < num_steps:
+            step, record, row = base + k, records[k, i], records[k]
+            self._beat(step)
+            if barriers.count(ws.COMPUTED, i) <= k:
+                record[ws.R_STARTED] = time.perf_counter()
+                self._compute(step, *self._shard(k, rows, batch_size), record)
+                barriers.arrive(ws.COMPUTED, i, k + 1)
+            self._wait(ws.COMPUTED, k + 1)
+            record[ws.R_COMPUTED] = time.perf_counter()
+            if not (np.all(np.isfinite(row[:, ws.R_LOSS])) and
+                    np.all(np.isfinite(row[:, ws.R_GRAD_SQUARES]))):
+                return self._stop(k)
+            counts = row[:, ws.R_COUNT]
+            coefficients = counts / counts.sum()
+            self._beat(step)
+            if clip_norm is None:
+                record[ws.R_SUM_SQUARES] = self._reduce_slice(coefficients, record)
+                scale = 1.0
+            else:
+                if barriers.count(ws.REDUCED, i) <= k:
+                    record[ws.R_SUM_SQUARES] = self._reduce_slice(coefficients, record)
+                    barriers.arrive(ws.REDUCED, i, k + 1)
+                self._wait(ws.REDUCED, k + 1)
+                scale = clip_scale(math.sqrt(row[:, ws.R_SUM_SQUARES].sum()), clip_norm)
+            record[ws.R_NON_FINITE] = self._update_slice(step, self.data.step_learning_rates[k],
+                                                         scale)
+            barriers.arrive(ws.UPDATED, i, k + 1)
+            self._wait(ws.UPDATED, k + 1)
+            record[ws.R_ENDED] = time.perf_counter()
+            if np.any(row[:, ws.R_NON_FINITE] != 0.0):
+                return self._stop(k)
+            k += 1
 
-    def _strike(self, op_name):
-        if self.faults:  # test-only fault injection (engine.parallel.faults)
-            strike(self.faults, op_name, int(self.work.control[ws.STEP]))
+    def _stop(self, k):
+        self.results[ws.STOP_STEP] = k
 
-    def _compute(self):
-        self._strike("compute")
-        work, results = self.work, self.work.results[self.worker_id]
-        slot = work.slots[self.worker_id]
-        start, stop = self._shard()
+    def _compute(self, step, start, stop, record):
+        """Loss and gradient of this worker's shard at the state current before ``step``, into
+        its slot; a float64 sum of squares of the slot (finite iff every gradient is)."""
+        started = time.perf_counter()
         if stop == start:  # contributes with coefficient 0; zeros keep NaN of old data out
-            slot.fill(0.0)
-            results[ws.LOSS] = results[ws.COUNT] = results[ws.SUM_SQUARES] = 0.0
-            return
-        self._train_on_shard(self.params_state, self.slot_weights, self.slot_theta)
-        # A float64 sum of squares is finite iff every gradient is: the owner checks it before any
-        # worker updates the shared state.
-        results[ws.SUM_SQUARES] = sum_squares(slot, 0, self.num_weights)
+            self.slot.fill(0.0)
+            record[ws.R_LOSS] = record[ws.R_COUNT] = record[ws.R_GRAD_SQUARES] = 0.0
+        else:
+            x, y = self._rows(start, stop)
+            state = self._versions[step % len(self._versions)]
+            loss, count = self._train_on_shard(state, x, y, step, self.slot_weights,
+                                               self.slot_theta)
+            record[ws.R_LOSS], record[ws.R_COUNT] = loss, count
+            record[ws.R_GRAD_SQUARES] = sum_squares(self.slot, 0, self.num_weights)
+        record[ws.R_COMPUTE_S] = time.perf_counter() - started
+
+    def _reduce_slice(self, coefficients, record):
+        """Weighted mean of every slot over this worker's slice into ``reduced``; returns the
+        sum of squares of its weights part."""
+        work = self.work
+        if work.averaged is not work.reduced:  # one worker: its slot is the average
+            return record[ws.R_GRAD_SQUARES]
+        start, stop = self.weight_slice
+        squares = weighted_mean_into(work.reduced, work.slots, coefficients, start, stop, True)
+        start, stop = self.theta_slice
+        weighted_mean_into(work.reduced, work.slots, coefficients, start, stop, False)
+        return squares
+
+    def _update_slice(self, step, learning_rate, scale):
+        """Optimizer step on this worker's slice, from the version current before ``step`` into
+        the next one; the averaged theta copied in. Returns 0.0, or NaN if a value is not finite."""
+        work = self.work
+        start, stop = self.weight_slice
+        non_finite = 0.0
+        if stop > start:
+            non_finite = self.optimizer.update_into(
+                work.params_at(step + 1), work.optimizer_at(step + 1)[0], work.params_at(step),
+                work.optimizer_at(step)[0], work.averaged, start, stop, learning_rate, step + 1,
+                scale)
+        start, stop = self.theta_slice
+        work.params_at(step + 1)[start:stop] = work.averaged[start:stop]
+        return non_finite
 
     def reduce(self):
-        """Weighted mean of every slot over this worker's slice into ``reduced``."""
-        self._strike("reduce")
+        """Standalone weighted mean (``coefficients`` from the owner) over this worker's slice:
+        what the benchmarks time against the memory-copy floor."""
         work = self.work
-        if work.averaged is not work.reduced:
-            return  # one worker: its slot is the average, and COMPUTE already summed its squares
-        start, stop = self.weight_slice
-        middle = (start + stop) // 2 if self.faults else stop  # split only to inject a fault
-        sum_squares = weighted_mean_into(work.reduced, work.slots, work.coefficients, start, middle,
-                                         True)
-        self._strike("reduce_mid")
-        sum_squares += weighted_mean_into(work.reduced, work.slots, work.coefficients, middle, stop,
-                                          True)
-        start, stop = self.theta_slice
-        weighted_mean_into(work.reduced, work.slots, work.coefficients, start, stop, False)
-        work.results[self.worker_id, ws.SUM_SQUARES] = sum_squares
-
-    def update(self):
-        """Optimizer step on this worker's slice of the weights, written into the next version of
-        the state (the current one stays intact until the owner flips); averaged theta copied in."""
-        self._strike("update")
-        work, control = self.work, self.work.control
-        start, stop = self.weight_slice
-        middle = (start + stop) // 2 if self.faults else stop
-        non_finite = 0
-        for low, high in ((start, middle), (middle, stop)):
-            if high > low:
-                non_finite += self.optimizer.update_into(
-                    work.next_params, work.next_optimizer[0], work.params, work.optimizer[0],
-                    work.averaged, low, high, control[ws.LEARNING_RATE], control[ws.STEP] + 1,
-                    control[ws.SCALE])
-            if low == start:
-                self._strike("update_mid")
-        work.results[self.worker_id, ws.NON_FINITE] = non_finite
-        start, stop = self.theta_slice
-        work.next_params[start:stop] = work.averaged[start:stop]
-
-    def reduce_update(self):
-        self.reduce()
-        self.update()
+        if work.averaged is work.reduced:
+            start, stop = self.weight_slice
+            self.results[ws.SUM_SQUARES] = weighted_mean_into(
+                work.reduced, work.slots, work.coefficients, start, stop, True)
 
     # -- sync="states" ---------------------------------------------------------------------------
-    def local_step(self):
-        """One optimizer step of this worker's local state on its shard (local SGD)."""
-        self._run_timed(self._local_step)
+    def _states_pass(self):
+        barriers, i, work, control = self.barriers, self.worker_id, self.work, self.work.control
+        num_steps, base, rows, batch_size = self._plan()
+        interval, since = int(control[ws.UPDATE_INTERVAL]), int(control[ws.SINCE_AVERAGE])
+        end = int(control[ws.END_AVERAGE])
+        self._recover_slot()
+        k, j = barriers.count(ws.LOCAL_DONE, i), barriers.count(ws.AVERAGE_OUT, i)
+        if control[ws.REFRESH] and k == 0 and j == 0:
+            self._refresh()
+        ends_off_cycle = (since + num_steps) % interval != 0
+        while True:
+            due = (since + k) // interval - since // interval
+            if k == num_steps and end == ws.END_AVERAGE_STATES and ends_off_cycle:
+                due += 1
+            if j < due:
+                self._average(j, into_params=True)
+                j += 1
+                continue
+            if k == num_steps:
+                break
+            if work.abort[0]:
+                return
+            step = base + k
+            self._beat(step)
+            record = self.data.records[k, i]
+            if not self._local_step(step, *self._shard(k, rows, batch_size), record):
+                self._stop(k)
+                work.abort[0] = _STOPPED_BY_PEER
+                barriers.doorbell.ring()
+                return
+            k += 1
+            barriers.arrive(ws.LOCAL_DONE, i, k, ring=False)
+            self.results[ws.DIRTY] = 0.0
+        if end == ws.END_MEAN_INTO_REDUCED and ends_off_cycle:
+            self._average(j, into_params=False)
 
-    def _local_step(self):
-        self._strike("local_step")
-        work, control, results = self.work, self.work.control, self.work.results[self.worker_id]
-        state = self.local_state
-        if control[ws.REFRESH]:
-            state.buffer[:] = work.params
-        start, stop = self._shard()
+    def _local_step(self, step, start, stop, record):
+        """One optimizer step of the local state on this worker's shard; False if not finite."""
+        started = time.perf_counter()
+        record[ws.R_STARTED] = started
         if stop == start:
-            results[ws.LOSS] = results[ws.COUNT] = results[ws.NON_FINITE] = 0.0
-            return
+            record[ws.R_LOSS] = record[ws.R_COUNT] = record[ws.R_NON_FINITE] = 0.0
+            return True
         if self._local_flat is None:
             # Gradients and new theta gather here: in states mode the slot holds the local state.
             self._local_flat = np.empty(self.layout.size, np.float32)
             self._local_grads, self._local_theta = self.layout.views(self._local_flat)
-        _, count = self._train_on_shard(state, self._local_grads, self._local_theta)
-        own_optimizer = work.optimizer[self.worker_id]
-        results[ws.NON_FINITE] = self.optimizer.update_into(
-            state.buffer, own_optimizer, state.buffer, own_optimizer, self._local_flat, 0,
-            self.num_weights, control[ws.LEARNING_RATE], control[ws.STEP] + 1, 1.0)
-        state.buffer[self.num_weights:] = self._local_flat[self.num_weights:]
-        results[ws.SINCE_SYNC] += count
+        x, y = self._rows(start, stop)
+        loss, count = self._train_on_shard(self.local_state, x, y, step, self._local_grads,
+                                           self._local_theta)
+        record[ws.R_LOSS], record[ws.R_COUNT] = loss, count
+        if not np.isfinite(loss):
+            return False
+        own_optimizer = self.work.optimizer[self.worker_id]
+        self.results[ws.DIRTY] = ws.DIRTY_UPDATE
+        record[ws.R_NON_FINITE] = self.optimizer.update_into(
+            self.slot, own_optimizer, self.slot, own_optimizer, self._local_flat, 0,
+            self.num_weights, self.data.step_learning_rates[step - int(self.work.control[ws.STEP])],
+            step + 1, 1.0)
+        self.slot[self.num_weights:] = self._local_flat[self.num_weights:]
+        self.results[ws.SINCE_SYNC] += count
+        record[ws.R_COMPUTE_S] = time.perf_counter() - started
+        record[ws.R_ENDED] = time.perf_counter()
+        return record[ws.R_NON_FINITE] == 0.0
 
-    def restart_local_state(self):
-        """A replacement worker in states mode: its predecessor may have died mid-update, so it
-        restarts from the last average with fresh optimizer state (its local steps are lost)."""
-        self.local_state.buffer[:] = self.work.params
-        self.work.optimizer[self.worker_id].fill(0.0)
-        self.work.results[self.worker_id, ws.SINCE_SYNC] = 0.0
-
-    def average(self):
-        """Weighted mean of every worker's local state over this worker's slice into ``params``."""
-        self._strike("average")
+    def _average(self, j, into_params):
+        """Average number j of this pass: the example-weighted mean of the local states over this
+        worker's slice into ``params`` (then the local state restarts from it), or into
+        ``reduced`` (process_batch between averages: local states go on)."""
+        barriers, i, work = self.barriers, self.worker_id, self.work
+        if barriers.count(ws.AVERAGE_IN, i) <= j:
+            barriers.arrive(ws.AVERAGE_IN, i, j + 1)
+        self._wait(ws.AVERAGE_IN, j + 1)
+        self._beat(int(self.results[ws.CURRENT_STEP]))
+        counts = work.results[:, ws.SINCE_SYNC]
+        coefficients = counts / counts.sum()
         start, stop = self.state_slice
-        weighted_mean_into(self.work.params, self.work.slots, self.work.coefficients, start, stop,
-                           False)
-        self.work.results[self.worker_id, ws.SINCE_SYNC] = 0.0
+        self._average_slice(work.params if into_params else work.reduced, coefficients, start,
+                            stop)
+        barriers.arrive(ws.AVERAGE_OUT, i, j + 1)
+        self._wait(ws.AVERAGE_OUT, j + 1)
+        if into_params:
+            self._refresh()
+
+    def _average_slice(self, out, coefficients, start, stop):
+        weighted_mean_into(out, self.work.slots, coefficients, start, stop, False)
+
+    def _refresh(self):
+        results = self.results
+        results[ws.DIRTY] = ws.DIRTY_REFRESH
+        self.slot[:] = self.work.params
+        results[ws.SINCE_SYNC] = 0.0
+        results[ws.DIRTY] = 0.0
+
+    def _recover_slot(self):
+        """A replacement whose predecessor died writing its slot: restart it from the last
+        average (after an interrupted update also with fresh optimizer state: local steps since
+        the average are lost)."""
+        dirty = self.results[ws.DIRTY]
+        if dirty == ws.DIRTY_UPDATE:
+            self.work.optimizer[self.worker_id].fill(0.0)
+        if dirty:
+            self._refresh()
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def _evaluate_pass(self):
+        num_steps, base, rows, batch_size = self._plan()
+        barriers, i, records = self.barriers, self.worker_id, self.data.records
+        k = barriers.count(ws.EVALUATED, i)
+        state = self._versions[base % len(self._versions)]
+        while k < num_steps:
+            self._beat(k)
+            self._evaluate_step(k, state, *self._shard(k, rows, batch_size), records[k, i])
+            k += 1
+            barriers.arrive(ws.EVALUATED, i, k, ring=False)
+
+    def _evaluate_step(self, k, state, start, stop, record):
+        started = time.perf_counter()
+        record[ws.R_STARTED] = started
+        record[ws.R_COUNT], record[ws.R_LOSS] = stop - start, 0.0
+        if stop > start:
+            x, y = self._rows(start, stop)
+            self.data.predictions[start:stop], record[ws.R_LOSS] = _predict_and_loss(
+                self.model, state, x, y)
+        record[ws.R_COMPUTE_S] = time.perf_counter() - started
 
     # -- shared by both modes --------------------------------------------------------------------
-    def evaluate(self):
-        """Predictions and inference-mode loss of this worker's shard at ``params``."""
-        self._run_timed(self._evaluate)
-
-    def _evaluate(self):
-        self._strike("evaluate")
-        start, stop = self._shard()
-        results = self.work.results[self.worker_id]
-        results[ws.COUNT], results[ws.LOSS] = stop - start, 0.0
-        if stop > start:
-            x, y = self.data.examples[start:stop], self.data.labels[start:stop]
-            self.data.predictions[start:stop], results[ws.LOSS] = _predict_and_loss(
-                self.model, self.params_state, x, y)
-
-    def _shard(self):
-        bounds = self.work.shard_bounds
-        return int(bounds[self.worker_id]), int(bounds[self.worker_id + 1])
-
-    def _train_on_shard(self, state, grad_views, theta_views):
-        """Loss of this worker's shard at ``state``; its gradient and new theta go into the views.
+    def _train_on_shard(self, state, x, y, step, grad_views, theta_views):
+        """Loss of examples ``x`` at ``state``; their gradient and new theta go into the views.
 
         A shard larger than the micro-batch (``control[MICRO_BATCH]``, 0 = whole shard) runs in
         chunks whose gradients, losses and theta are averaged weighted by chunk size: the same
         maths as one pass (to float32 rounding), with the memory of one chunk. Returns
         (mean loss, examples).
         """
-        control, results = self.work.control, self.work.results[self.worker_id]
-        start, stop = self._shard()
-        total = stop - start
-        micro = int(control[ws.MICRO_BATCH]) or max(total, 1)
+        control = self.work.control
+        total = len(x)
+        micro = int(control[ws.MICRO_BATCH]) or total
+        single = micro >= total
         loss, returned_theta = 0.0, False
-        for chunk, chunk_start in enumerate(range(start, stop, micro)):
-            chunk_stop = min(stop, chunk_start + micro)
-            weight = np.float32((chunk_stop - chunk_start) / total)
-            rng = _LazyRandom(int(control[ws.SEED]), self.worker_id, int(control[ws.STEP]), chunk)
-            chunk_loss, grads, *new_theta = self.model.loss_and_grads(
-                state, self.data.examples[chunk_start:chunk_stop],
-                self.data.labels[chunk_start:chunk_stop], rng=rng)
-            loss += float(weight) * chunk_loss
+        for chunk, low in enumerate(range(0, total, micro)):
+            high = min(total, low + micro)
+            kwargs = {}
+            if self.takes_rng:
+                kwargs["rng"] = _LazyRandom(int(control[ws.SEED]), self.worker_id, step, chunk)
+            if self.takes_out and single:
+                kwargs["out"] = grad_views
+            chunk_loss, grads, *new_theta = self.model.loss_and_grads(state, x[low:high],
+                                                                      y[low:high], **kwargs)
+            weight = np.float32((high - low) / total)
+            loss += float(weight) * float(chunk_loss)
             returned_theta = bool(new_theta)
             pairs = [(grad_views, grads)] + ([(theta_views, new_theta[0])] if new_theta else [])
             for views, values in pairs:
                 for name, target in views.items():
-                    if chunk == 0:
-                        np.multiply(values[name], weight, out=target)
+                    value = values[name]
+                    if single:
+                        if value is not target:
+                            target[...] = value
+                    elif chunk == 0:
+                        np.multiply(value, weight, out=target)
                     else:
-                        target += weight * values[name]
+                        target += weight * value
         if not returned_theta:
             for name, target in theta_views.items():
                 target[...] = state.theta[name]
-        results[ws.LOSS], results[ws.COUNT] = loss, total
         return loss, total
-
-    def _run_timed(self, body):
-        results = self.work.results[self.worker_id]
-        started = time.perf_counter()
-        body()
-        results[ws.COMPUTE_S] = time.perf_counter() - started
 
 
 def _predict_and_loss(model, state, x, y):
@@ -308,16 +491,18 @@ def worker_main(worker_id, spec, command_pipe, answer_pipe):
     command_fd, answer_fd = command_pipe.fileno(), answer_pipe.fileno()
     work = ws.Workspace(spec["workspace"], shared=True, create=False)
     data = None if spec["data"] is None else ws.DataArrays(spec["data"], shared=True, create=False)
-    core = WorkerCore(worker_id, spec["model"], spec["layout"], spec["optimizer"], work, data,
-                      spec["faults"])
-    if spec["replacement"] and spec["sync"] == "states":
-        core.restart_local_state()
+    core_class = WorkerCore
+    if spec["faults"]:  # test-only: a subclass that strikes at planned points (engine.parallel.faults)
+        from engine.parallel.faults import fault_injecting
+        core_class = fault_injecting(WorkerCore, spec["faults"])
+    core = core_class(worker_id, spec["model"], spec["layout"], spec["optimizer"], work, data,
+                      sync=spec["sync"], owner_pid=spec["owner_pid"])
     send_message(answer_fd, OK)
     try:
         while True:
             # Sleep in select (no spinning); wake once a second to notice an owner that died.
             if not select.select([command_fd], [], [], _OWNER_CHECK_S)[0]:
-                if not _owner_alive(spec["owner_pid"]):
+                if not owner_pid_alive(spec["owner_pid"]):
                     return
                 continue
             try:
@@ -333,6 +518,7 @@ def worker_main(worker_id, spec, command_pipe, answer_pipe):
                         data.close()
                     data = ws.DataArrays(pickle.loads(payload), shared=True, create=False)
                     core.data = data
+                    core._rows_buffer = None
                 else:
                     core.run(op)
                 send_message(answer_fd, OK)
@@ -368,13 +554,3 @@ def _log_stderr(path):
     sys.stderr = _Tee(sys.__stderr__, log)
     faulthandler.enable(file=log)  # a segfault's Python traceback lands in the log too
     return log
-
-
-def _owner_alive(owner_pid):
-    try:
-        os.kill(owner_pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # the PID exists but belongs to someone else: treat as alive
-        return True
-    return True

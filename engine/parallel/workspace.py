@@ -4,13 +4,16 @@ Two kinds of block, each described by a small picklable ``spec`` dict so that th
 worker compute the same offsets:
 
 * the **workspace** (one per processor and state layout): the canonical state ``params`` (two
-  copies in ``sync="gradients"`` mode, with the optimizer state likewise: an update reads the
-  current copy and writes the other, so an update cut short by a dying worker can be run again
-  from intact inputs; the owner flips ``control[PARITY]`` once every worker has finished), one
-  ``slots[i]`` per worker (gradients and new theta in ``gradients`` mode, the worker's local state
-  in ``states`` mode), the averaged vector ``reduced``, optimizer buffers, and control arrays;
-* the **data** block (re-created only when a larger dataset arrives): examples, labels and
-  predictions, so that a worker's shard is a zero-copy slice.
+  copies in ``sync="gradients"`` mode, with the optimizer state likewise: the update of global
+  step t reads copy ``t % 2`` and writes copy ``(t + 1) % 2``, so an update cut short by a dying
+  worker can be run again from intact inputs), one ``slots[i]`` per worker (gradients and new
+  theta in ``gradients`` mode, the worker's local state in ``states`` mode), the averaged vector
+  ``reduced``, optimizer buffers, the pass plan's scalar fields (``control``), per-worker fields
+  (``results``), and the barriers' arrival counters, doorbell and abort word;
+* the **data** block (re-created only when a larger data set arrives): examples, labels,
+  predictions, and the pass plan's arrays: the order in which a training pass visits the rows,
+  the learning rate of every step, and per step and worker the records workers write (loss,
+  examples, timings, sums of squares) and the owner reads once, at the end of the pass.
 
 With ``shared=False`` the same arrays are ordinary numpy memory (the in-process mode).
 """
@@ -18,12 +21,25 @@ import numpy as np
 
 from engine.parallel.shm import SharedBlock
 
-# Global control fields (float64 array ``control``), written by the owner before it signals an op.
-LEARNING_RATE, STEP, SCALE, SEED, REFRESH, MICRO_BATCH, PARITY = range(7)
-NUM_CONTROL = 8
-# Per-worker result fields (float64 array ``results[i]``), written by worker i.
-LOSS, COUNT, COMPUTE_S, SUM_SQUARES, PEAK_RSS, SINCE_SYNC, NON_FINITE = range(7)
-NUM_RESULTS = 8
+# Pass plan fields (float64 array ``control``), written by the owner before it starts a pass.
+(LEARNING_RATE, STEP, CLIP_NORM, SEED, NUM_STEPS, MICRO_BATCH, ROWS, PASS_KIND, BATCH_SIZE,
+ SINCE_AVERAGE, END_AVERAGE, UPDATE_INTERVAL, REFRESH, ORDERED) = range(14)
+NUM_CONTROL = 16
+TRAIN, EVALUATE = 0, 1                       # PASS_KIND
+END_NONE, END_AVERAGE_STATES, END_MEAN_INTO_REDUCED = 0, 1, 2   # END_AVERAGE (states mode)
+# Per-worker fields (float64 array ``results[i]``), written by worker i.
+LOSS, COUNT, COMPUTE_S, SUM_SQUARES, PEAK_RSS, SINCE_SYNC, NON_FINITE, HEARTBEAT, WAITING, \
+    DIRTY, CURRENT_STEP, STOP_STEP = range(12)
+NUM_RESULTS = 16
+NOT_STOPPED = -1.0   # STOP_STEP: the pass ran to its end
+DIRTY_UPDATE, DIRTY_REFRESH = 1.0, 2.0      # DIRTY: what a worker was writing into its slot
+# Per step and worker records (float64 array ``records[step, i]``) in the data block.
+(R_LOSS, R_COUNT, R_COMPUTE_S, R_GRAD_SQUARES, R_SUM_SQUARES, R_NON_FINITE, R_STARTED,
+ R_COMPUTED, R_ENDED) = range(9)
+NUM_RECORDS = 10
+# Barrier kinds (rows of ``arrivals``): see engine.parallel.barrier.
+COMPUTED, REDUCED, UPDATED, LOCAL_DONE, AVERAGE_IN, AVERAGE_OUT, EVALUATED = range(7)
+NUM_BARRIERS = 8
 
 
 def _plan(fields):
@@ -95,13 +111,16 @@ class Workspace(_Arrays):
                 ("results", (n, NUM_RESULTS), np.float64),
                 ("coefficients", (n,), np.float64),
                 ("shard_bounds", (n + 1,), np.int64),
-                ("state_bounds", (n + 1,), np.int64)]
+                ("state_bounds", (n + 1,), np.int64),
+                ("arrivals", (NUM_BARRIERS, n, 8), np.int64),
+                ("doorbell", (1,), np.int32),
+                ("abort", (1,), np.int32)]
 
 
-    def _version(self, ahead):
-        """Index of the current version (ahead=0) or of the next one (ahead=1)."""
-        versions = self.spec["versions"]
-        return (int(self.control[PARITY]) + ahead) % versions
+    def _version(self, ahead, step=None):
+        """Index of the version current at global ``step`` (ahead=0) or of the next (ahead=1)."""
+        step = int(self.control[STEP]) if step is None else step
+        return (step + ahead) % self.spec["versions"]
 
     @property
     def params(self):
@@ -128,9 +147,12 @@ class Workspace(_Arrays):
         itself (averaging one slot would only copy it)."""
         return self.slots[0] if len(self.slots) == 1 else self.reduced
 
-    def flip(self):
-        """Make the freshly written version current (after every worker finished its update)."""
-        self.control[PARITY] = self._version(1)
+    def params_at(self, step):
+        """The state as it is before global step ``step``'s update."""
+        return self.versions_of_params[self._version(0, step)]
+
+    def optimizer_at(self, step):
+        return self.versions_of_optimizer[self._version(0, step)]
 
 
 class DataArrays(_Arrays):
@@ -140,13 +162,21 @@ class DataArrays(_Arrays):
         super().__init__(spec, "data", shared, create)
 
     @staticmethod
-    def make_spec(capacity, feature_shape, num_outputs):
+    def make_spec(capacity, feature_shape, num_outputs, batch_size, num_workers):
         return dict(capacity=int(capacity), feature_shape=tuple(feature_shape),
-                    num_outputs=int(num_outputs))
+                    num_outputs=int(num_outputs), batch_size=int(batch_size),
+                    num_workers=int(num_workers))
 
     @staticmethod
-    def _fields(spec):
-        rows = spec["capacity"]
+    def max_steps(spec):
+        return -(-spec["capacity"] // spec["batch_size"])
+
+    @classmethod
+    def _fields(cls, spec):
+        rows, steps = spec["capacity"], cls.max_steps(spec)
         return [("examples", (rows, *spec["feature_shape"]), np.float32),
                 ("labels", (rows,), np.int64),
-                ("predictions", (rows, spec["num_outputs"]), np.float32)]
+                ("predictions", (rows, spec["num_outputs"]), np.float32),
+                ("order", (rows,), np.int64),
+                ("step_learning_rates", (steps,), np.float64),
+                ("records", (steps, spec["num_workers"], NUM_RECORDS), np.float64)]

@@ -24,18 +24,27 @@ def test_estimate_counts_shared_blocks_and_each_worker():
     assert one > 1000
 
 
+def _passes(processor, blobs, state, count):
+    changes = []
+    for _ in range(count):
+        state, results = processor.run_parallel(*blobs, state, {"learning_rate": 0.1})
+        changes += results["micro_batch_changes"]
+    return state, changes
+
+
 def test_low_memory_halves_the_micro_batch_and_keeps_the_result(blobs, monkeypatch):
+    # The owner checks memory at the start of every pass (and every half second within one).
     model = MLP(sizes=(12, 16, 3))
     start = model.init_state(0)
     options = dict(num_processes=2, batch_size=100, optimizer="sgd", seed=2)
     with ParallelBatchProcessor(model, **options) as processor:
-        expected, _ = processor.run_parallel(*blobs, start, {"learning_rate": 0.1})
+        expected, _ = _passes(processor, blobs, start, 7)
     calls = iter([1 << 40] * 2 + [1 << 20] * 1000)  # plenty at first, then almost nothing
     monkeypatch.setattr(engine.parallel.memory, "available_memory_bytes", lambda: next(calls))
     with ParallelBatchProcessor(model, **options) as processor:
         processor._governor.interval_s = 0.0
         with pytest.warns(RuntimeWarning, match="micro-batches of 25"):
-            state, results = processor.run_parallel(*blobs, start, {"learning_rate": 0.1})
-    sizes = [change["micro_batch_size"] for change in results["micro_batch_changes"]]
+            state, changes = _passes(processor, blobs, start, 7)
+    sizes = [change["micro_batch_size"] for change in changes]
     assert sizes[:3] == [25, 12, 6] and sizes[-1] == 1
     np.testing.assert_allclose(state.buffer, expected.buffer, rtol=1e-4, atol=1e-6)
