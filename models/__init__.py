@@ -51,11 +51,14 @@ from models.mlp import MLP
 from models.graph import Graph
 from models.sequential import Sequential
 from models.softmax_regression import SoftmaxRegression
+from models.zoo import cnn_bilstm_attention, imu_cnn_bilstm, lstm_attention
 
 __all__ = ["Sequential", "Graph", "SoftmaxRegression", "MLP", "CNN1D", "CrossEntropy", "FocalLoss",
            "get_model", "available_models", "model_signature"]
 
-_REGISTRY = {"softmax_regression": SoftmaxRegression, "mlp": MLP, "cnn1d": CNN1D}
+_REGISTRY = {"softmax_regression": SoftmaxRegression, "mlp": MLP, "cnn1d": CNN1D,
+             "imu_cnn_bilstm": imu_cnn_bilstm, "lstm_attention": lstm_attention,
+             "cnn_bilstm_attention": cnn_bilstm_attention}
 
 
 def available_models():

@@ -17,7 +17,7 @@ INPUT = "input"
 class Graph(LayerModel):
     """A graph of layers ending in logits, trained with mean softmax cross-entropy (or ``loss_fn``).
 
-    Parameters are named ``"{node}/{local name}"``: ``"conv1/kernel"``, ``"conv_bn/moving_mean"``.
+    Parameters are named ``"{node}/{local name}"``: ``"conv1/kernel"``, ``"conv_bn/running_mean"``.
 
     Args:
         nodes: ``(name, layer, inputs)`` triples in an order where every node comes after the nodes

@@ -1,0 +1,188 @@
+"""TensorFlow-side oracles of the native-layer and interop tests, run in a child process.
+
+The pytest process never imports TensorFlow (forking after it is unsafe, and later tests rely on
+forked workers; see tests/backends/keras_oracle.py), so each task here builds Keras models, runs
+``models.from_keras`` / ``to_keras`` and Keras's own maths, and returns plain data (numpy arrays,
+native models and states) for the tests to compare with the native computation.
+
+    python keras_interop_oracle.py TASK INPUT.pkl OUTPUT.pkl
+"""
+import os
+import pickle
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+_TIMEOUT_S = 540
+
+
+def run_oracle(directory, task, *args, **kwargs):
+    """Run ``task(*args, **kwargs)`` in a fresh Python process and return its result."""
+    source, target = (os.path.join(directory, f"{task}.{end}.pkl") for end in ("in", "out"))
+    with open(source, "wb") as f:
+        pickle.dump((args, kwargs), f)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    completed = subprocess.run([sys.executable, os.path.abspath(__file__), task, source, target],
+                               capture_output=True, text=True, timeout=_TIMEOUT_S, env=env)
+    if completed.returncode != 0:
+        raise AssertionError(f"oracle task {task!r} failed (exit {completed.returncode}):\n"
+                             f"{completed.stderr[-6000:]}")
+    with open(target, "rb") as f:
+        return pickle.load(f)
+
+
+def _probabilities(keras_output):
+    """Keras's (n, 1) sigmoid output as the native two-class [1 - p, p]."""
+    p = np.asarray(keras_output, np.float32)
+    return np.concatenate([1 - p, p], axis=1) if p.shape[1] == 1 else p
+
+
+def _perturb_statistics(keras_model, seed):
+    """Give BatchNorm non-trivial moving statistics, so inference is not the identity map."""
+    rng = np.random.default_rng(seed)
+    for layer in keras_model.layers:
+        if type(layer).__name__ == "BatchNormalization":
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([gamma * rng.uniform(0.5, 1.5, gamma.shape).astype(np.float32),
+                               rng.normal(0, 0.3, beta.shape).astype(np.float32),
+                               rng.normal(0, 0.5, mean.shape).astype(np.float32),
+                               rng.uniform(0.5, 2.0, var.shape).astype(np.float32)])
+
+
+def task_zoo(cases, directory):
+    """Per zoo case: Keras predictions, from_keras, and the to_keras export saved and reloaded."""
+    import keras
+    from models import keras_zoo
+    from models.keras_interop import from_keras
+    results = []
+    for index, (name, kwargs) in enumerate(cases):
+        keras_model = getattr(keras_zoo, name)(**kwargs)
+        _perturb_statistics(keras_model, index)
+        model, state = from_keras(keras_model)
+        x = np.random.default_rng(index).standard_normal((5,) + model.input_shape)
+        x = x.astype(np.float32)
+        path = os.path.join(directory, f"{name}_{index}.keras")
+        model.to_keras(state).save(path)
+        reloaded = keras.models.load_model(path)
+        results.append(dict(model=model, state=state, x=x,
+                            keras=_probabilities(keras_model.predict(x, verbose=0)),
+                            exported=_probabilities(reloaded.predict(x, verbose=0)),
+                            keras_parameters=keras_model.count_params()))
+    return results
+
+
+def _random_stack(rng, index):
+    """A random Keras classifier over (timesteps, features) built from the supported layers."""
+    import keras
+    from keras import layers
+    timesteps, features = int(rng.integers(6, 12)), int(rng.integers(2, 6))
+    inputs = keras.Input((timesteps, features))
+    x = inputs
+    for depth in range(int(rng.integers(2, 5))):
+        choice = rng.choice(["conv", "bn", "pool", "layernorm", "rnn", "attention", "dropout"])
+        width = int(rng.integers(3, 7))
+        if choice == "conv":
+            x = layers.Conv1D(width, int(rng.integers(1, 4)), strides=int(rng.integers(1, 3)),
+                              padding=str(rng.choice(["same", "valid"])),
+                              activation=str(rng.choice(["relu", "linear"])))(x)
+        elif choice == "bn":
+            x = layers.BatchNormalization(momentum=float(rng.uniform(0.9, 0.99)))(x)
+        elif choice == "pool" and x.shape[1] >= 2:
+            x = layers.MaxPooling1D(2)(x)
+        elif choice == "layernorm":
+            x = layers.LayerNormalization()(x)
+        elif choice == "rnn":
+            cell = layers.LSTM if rng.random() < 0.5 else layers.GRU
+            x = (layers.Bidirectional(cell(width, return_sequences=True)) if rng.random() < 0.5
+                 else cell(width, return_sequences=True))(x)
+        elif choice == "attention":
+            attended = layers.MultiHeadAttention(int(rng.integers(1, 3)), 3)(x, x)
+            x = layers.Add()([x, attended])
+        else:
+            x = layers.Dropout(0.3)(x)
+    ending = rng.choice(["gap", "flatten", "rnn", "concat"])
+    if ending == "gap":
+        x = layers.GlobalAveragePooling1D()(x)
+    elif ending == "flatten":
+        x = layers.Flatten()(x)
+    elif ending == "rnn":
+        x = layers.Bidirectional(layers.GRU(4))(x)
+    else:
+        x = layers.Concatenate()([layers.GlobalAveragePooling1D()(x), layers.LSTM(3)(x)])
+    x = layers.Dense(int(rng.integers(3, 8)), activation="relu")(x)
+    outputs = layers.Dense(int(rng.integers(2, 5)), activation="softmax")(x)
+    return keras.Model(inputs, outputs, name=f"stack_{index}")
+
+
+def task_stacks(count, seed):
+    """``count`` random stacks: from_keras model and state, an input, Keras's predictions."""
+    from models.keras_interop import from_keras
+    rng = np.random.default_rng(seed)
+    results = []
+    for index in range(count):
+        keras_model = _random_stack(rng, index)
+        _perturb_statistics(keras_model, index)
+        model, state = from_keras(keras_model)
+        x = rng.standard_normal((4,) + model.input_shape).astype(np.float32)
+        results.append(dict(model=model, state=state, x=x, summary=[
+            type(layer).__name__ for layer in keras_model.layers],
+            keras=keras_model.predict(x, verbose=0)))
+    return results
+
+
+def task_sgd(cases, learning_rate):
+    """Per zoo case: the weights and statistics after one Keras SGD ``train_on_batch``."""
+    import keras
+    from models import keras_zoo
+    from models.keras_interop import from_keras
+    results = []
+    for index, (name, kwargs) in enumerate(cases):
+        keras_model = getattr(keras_zoo, name)(**kwargs)
+        _perturb_statistics(keras_model, index)
+        model, state = from_keras(keras_model)
+        rng = np.random.default_rng(index)
+        x = rng.standard_normal((6,) + model.input_shape).astype(np.float32)
+        y = rng.integers(0, model.num_outputs, 6)
+        loss = "binary_crossentropy" if keras_model.outputs[0].shape[-1] == 1 else \
+            "sparse_categorical_crossentropy"
+        keras_model.compile(optimizer=keras.optimizers.SGD(learning_rate), loss=loss)
+        keras_loss = float(np.ravel(keras_model.train_on_batch(x, y))[0])
+        after = from_keras(keras_model)[1]
+        results.append(dict(model=model, state=state, x=x, y=y, keras_loss=keras_loss,
+                            keras_after=after))
+    return results
+
+
+def task_not_supported():
+    """The error of from_keras on a model with an unsupported layer."""
+    import keras
+    from keras import layers
+    from models.keras_interop import from_keras
+    inputs = keras.Input((8, 3))
+    x = layers.Conv1D(4, 3, name="conv")(inputs)
+    x = layers.SimpleRNN(4, name="simple_rnn")(x)
+    outputs = layers.Dense(2, activation="softmax", name="out")(x)
+    try:
+        from_keras(keras.Model(inputs, outputs))
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+TASKS = {"zoo": task_zoo, "stacks": task_stacks, "sgd": task_sgd,
+         "not_supported": task_not_supported}
+
+if __name__ == "__main__":
+    task, source, target = sys.argv[1:4]
+    with open(source, "rb") as f:
+        args, kwargs = pickle.load(f)
+    if task == "zoo":
+        kwargs["directory"] = os.path.dirname(source)
+    result = TASKS[task](*args, **kwargs)
+    with open(target, "wb") as f:
+        pickle.dump(result, f)
