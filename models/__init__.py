@@ -33,9 +33,12 @@ theta in one float32 buffer; ``state.weights[name]`` and ``state.theta[name]`` a
 Work in float32 (float32 arrays, ``np.float32`` scalars): one float64 operand silently doubles the
 cost.
 
-The easy way to bring a model is ``Sequential(layers, input_shape)`` over ``models.layers``; any
-other class works as long as it follows the protocol above. ``model.with_loss(FocalLoss(gamma=2))``
-gives a copy of a Sequential model that trains with another loss (``models.losses``).
+The easy way to bring a model is ``Sequential(layers, input_shape)`` over ``models.layers`` (or
+``Graph(nodes, input_shape)`` for branches); any other class works as long as it follows the
+protocol above. ``from_keras(keras_model)`` gives the native ``(model, state)`` of a Keras model of
+supported layers and ``model.to_keras(state)`` the way back (docs/models.md).
+``model.with_loss(FocalLoss(gamma=2))`` gives a copy of a Sequential or Graph model that trains
+with another loss (``models.losses``).
 
 Example:
     from models import get_model
@@ -49,11 +52,12 @@ from models.cnn1d import CNN1D
 from models.losses import CrossEntropy, FocalLoss
 from models.mlp import MLP
 from models.graph import Graph
+from models.keras_interop import from_keras, to_keras
 from models.sequential import Sequential
 from models.softmax_regression import SoftmaxRegression
 from models.zoo import cnn_bilstm_attention, imu_cnn_bilstm, lstm_attention
 
-__all__ = ["Sequential", "Graph", "SoftmaxRegression", "MLP", "CNN1D", "CrossEntropy", "FocalLoss",
+__all__ = ["Sequential", "Graph", "from_keras", "to_keras", "SoftmaxRegression", "MLP", "CNN1D", "CrossEntropy", "FocalLoss",
            "get_model", "available_models", "model_signature"]
 
 _REGISTRY = {"softmax_regression": SoftmaxRegression, "mlp": MLP, "cnn1d": CNN1D,

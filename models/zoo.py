@@ -16,17 +16,12 @@ from models.layers import (Add, AttentionPooling, BatchNorm, BinaryLogits, Conca
                            Dense, Dropout, GlobalAveragePooling1D, LayerNorm, MaxPool1D,
                            MultiHeadSelfAttention)
 from models.layers.base import check_num_classes, check_positive_int
+from models.layers.recurrent import GRU, LSTM, Bidirectional
 
 __all__ = ["imu_cnn_bilstm", "lstm_attention", "cnn_bilstm_attention"]
 
 # Keras's BatchNormalization defaults, so from_keras/to_keras and training behave alike.
 _KERAS_BN = dict(momentum=0.99, epsilon=1e-3)
-
-
-def _recurrent():
-    # Imported on use: models.layers.recurrent is its own module (LSTM, GRU, Bidirectional).
-    from models.layers.recurrent import GRU, LSTM, Bidirectional
-    return LSTM, GRU, Bidirectional
 
 
 def _check_learning_rate(learning_rate):
@@ -59,7 +54,6 @@ def imu_cnn_bilstm(*, timesteps=128, channels=13, num_classes=26, dropout=0.3,
     BiLSTM(128), Dense(128, relu), Dropout, Dense(num_classes). ``input_shape=(timesteps,
     channels)`` overrides both (the CLI fills it from the data).
     """
-    LSTM, _, Bidirectional = _recurrent()
     shape = _sequence_shape(input_shape, timesteps, channels)
     nodes = [("conv1", Conv1D(64, 5, activation="relu", init="glorot"), "input"),
              ("conv1_bn", BatchNorm(**_KERAS_BN), "conv1"),
@@ -79,7 +73,6 @@ def lstm_attention(*, timesteps=20, features=256, units=128, attention_units=64,
     cross-entropy; needs num_classes=2) or ``"softmax"`` (num_classes logits).
     ``input_shape=(timesteps, features)`` overrides both (the CLI fills it from the data).
     """
-    LSTM, _, _ = _recurrent()
     shape = _sequence_shape(input_shape, timesteps, features)
     if head not in ("sigmoid", "softmax"):
         raise ValueError(f"head must be 'sigmoid' or 'softmax'. Received: head={head!r}.")
@@ -104,7 +97,6 @@ def cnn_bilstm_attention(*, timesteps=60, features=126, num_classes=20, filters=
     """Conv1D stack, BiLSTM, multi-head self-attention with a skip connection and LayerNorm, and a
     parallel GRU path over the convolution features, fused before the head; native.
     ``input_shape=(timesteps, features)`` overrides both."""
-    LSTM, GRU, Bidirectional = _recurrent()
     shape = _sequence_shape(input_shape, timesteps, features)
     if not isinstance(filters, (tuple, list)) or not filters:
         raise ValueError(f"filters needs one entry per convolution, at least one. Received: "
