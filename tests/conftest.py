@@ -1,7 +1,9 @@
-"""Shared fixtures. Every test is checked for leaks: no engine segment left in /dev/shm, no child
-process left alive (multiprocess's own long-lived helpers excepted)."""
+"""Shared fixtures. Every test is checked for leaks: no engine segment left in /dev/shm (or in
+ENGINE_SHM_DIR), no worker log folder left in the temporary directory, no child process left alive
+(multiprocess's own long-lived helpers excepted)."""
 import os
 import sys
+import tempfile
 
 import numpy as np
 import psutil
@@ -14,6 +16,16 @@ if ROOT not in sys.path:
 from engine.parallel.shm import blocks_of  # noqa: E402
 
 _HELPERS = ("resource_tracker", "forkserver")
+
+
+def _log_folders():
+    """This process's worker log folders (``engine_<pid>_[<namespace>_]logs_*``)."""
+    prefix = f"engine_{os.getpid()}_"
+    try:
+        names = os.listdir(tempfile.gettempdir())
+    except OSError:
+        return set()
+    return {name for name in names if name.startswith(prefix) and "_logs_" in name}
 
 
 def _our_children():
@@ -32,10 +44,11 @@ def _our_children():
 
 @pytest.fixture(autouse=True)
 def no_leaks():
-    """Fail a test that leaves a shared-memory segment or a live child process behind."""
-    before = set(blocks_of(os.getpid()))
+    """Fail a test that leaves a shared-memory segment, a log folder or a live child behind."""
+    before, logs_before = set(blocks_of(os.getpid())), _log_folders()
     yield
     left = sorted(set(blocks_of(os.getpid())) - before)
+    logs_left = sorted(_log_folders() - logs_before)
     alive = _our_children()
     psutil.wait_procs(alive, timeout=5)
     alive = [child for child in alive if child.is_running() and
@@ -43,6 +56,7 @@ def no_leaks():
     for child in alive:
         child.kill()
     assert not left, f"shared-memory segments left in /dev/shm: {left}"
+    assert not logs_left, f"worker log folders left in {tempfile.gettempdir()}: {logs_left}"
     assert not alive, f"child processes left alive: {[child.pid for child in alive]}"
 
 

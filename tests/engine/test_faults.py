@@ -48,7 +48,10 @@ def test_a_hung_worker_is_killed_after_timeout_and_replaced(blobs, monkeypatch, 
     monkeypatch.setenv("ENGINE_TEST_FAULTS", "hang@1:6:update")
     state, restarts = _train(blobs, timeout_s=2.0)
     np.testing.assert_array_equal(state.buffer, fault_free_state.buffer)
-    assert [(r["worker"], r["step"], r["reason"]) for r in restarts] == [(1, 6, "timeout")]
+    # On a busy machine a healthy worker may also overrun 2 s and be replaced (harmlessly: the
+    # result is still bitwise identical); the hung worker must be among the replaced.
+    assert (1, 6, "timeout") in [(r["worker"], r["step"], r["reason"]) for r in restarts]
+    assert {r["reason"] for r in restarts} == {"timeout"}
 
 
 def test_faults_in_both_workers_of_one_run_are_all_survived(blobs, monkeypatch,
@@ -70,8 +73,9 @@ def test_past_max_restarts_the_error_names_the_worker_exit_code_and_stderr(blobs
 
 def test_past_max_restarts_a_hang_raises_timeout(blobs, monkeypatch):
     monkeypatch.setenv("ENGINE_TEST_FAULTS", "hang@0:1")
-    with pytest.raises(WorkerTimeoutError, match=r"worker\(s\) \[0\]"):
+    with pytest.raises(WorkerTimeoutError, match=r"worker\(s\) \[.*0.*\]") as caught:
         _train(blobs, max_restarts=0, timeout_s=1.0)
+    assert 0 in caught.value.worker_ids  # worker 1 may also be late on a busy machine
 
 
 def test_states_mode_survives_a_dead_worker(blobs, monkeypatch):
