@@ -2,7 +2,7 @@
 import numpy as np
 
 from models.layers.base import check_num_classes, check_positive_int, is_positive_int
-from models.layers import BatchNorm, Conv1D, Dense, Flatten, ReLU, Reshape
+from models.layers import BatchNorm, Conv1D, Dense, Flatten, Identity, ReLU, Reshape
 from models.sequential import Sequential
 
 
@@ -43,10 +43,15 @@ class CNN1D(Sequential):
         self.batchnorm = bool(batchnorm)
         layers = [Reshape(input_shape + (1,))] if len(input_shape) == 1 else []
         for kernel_size, stride in zip(kernel_sizes, strides):
-            layers.append(Conv1D(self.channels, kernel_size, stride=stride, padding=padding))
             if self.batchnorm:
-                layers.append(BatchNorm())
-            layers.append(ReLU())
+                layers += [Conv1D(self.channels, kernel_size, stride=stride, padding=padding),
+                           BatchNorm(), ReLU()]
+            else:
+                # The ReLU runs fused in the convolution's bias pass (one pass over the output
+                # instead of three); Identity keeps its place, so the parameter names
+                # (conv1d_0, conv1d_2, ..., dense_7) and older checkpoints stay valid.
+                layers += [Conv1D(self.channels, kernel_size, stride=stride, padding=padding,
+                                  activation="relu"), Identity()]
         layers += [Flatten(), Dense(check_num_classes(num_classes), init="glorot")]
         super().__init__(layers, input_shape=input_shape)
 

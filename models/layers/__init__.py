@@ -6,14 +6,14 @@ Bidirectional) live in ``models.layers.recurrent``.
 """
 from models.layers.attention import AttentionPooling, MultiHeadSelfAttention
 from models.layers.base import Layer, MergeLayer
-from models.layers.basic import (BatchNorm, BinaryLogits, Dense, Dropout, Flatten, ReLU, Reshape,
-                                 softmax, softmax_cross_entropy)
+from models.layers.basic import (BatchNorm, BinaryLogits, Dense, Dropout, Flatten, Identity, ReLU,
+                                 Reshape, softmax, softmax_cross_entropy)
 from models.layers.conv import Conv1D
 from models.layers.merge import Add, Concatenate
 from models.layers.norm import LayerNorm
 from models.layers.pooling import GlobalAveragePooling1D, MaxPool1D
 
-__all__ = ["Layer", "MergeLayer", "Dense", "ReLU", "Dropout", "Reshape", "Flatten", "BatchNorm",
+__all__ = ["Layer", "MergeLayer", "Dense", "Identity", "ReLU", "Dropout", "Reshape", "Flatten", "BatchNorm",
            "BinaryLogits", "Conv1D", "MaxPool1D", "GlobalAveragePooling1D", "LayerNorm",
            "AttentionPooling", "MultiHeadSelfAttention", "Add", "Concatenate", "softmax",
            "softmax_cross_entropy"]

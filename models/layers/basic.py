@@ -6,7 +6,7 @@ import numpy as np
 
 from models.layers.base import Layer, check_init, check_positive_int, initial_kernel
 
-__all__ = ["Dense", "ReLU", "Dropout", "Reshape", "Flatten", "BatchNorm", "BinaryLogits", "softmax",
+__all__ = ["Dense", "Identity", "ReLU", "Dropout", "Reshape", "Flatten", "BatchNorm", "BinaryLogits", "softmax",
            "softmax_cross_entropy"]
 
 
@@ -63,6 +63,12 @@ class Dense(Layer):
         # x.T and kernel.T are strided views: BLAS reads them transposed, nothing is copied.
         grads = {"kernel": x.T @ dy, "bias": dy.sum(axis=0)}
         return (dy @ weights["kernel"].T if need_input_grad else None), grads
+
+
+class Identity(Layer):
+    """Passes its input through: holds a place in a Sequential, whose parameter names count layers."""
+
+    kind = "identity"
 
 
 class ReLU(Layer):
