@@ -99,6 +99,7 @@ class Barriers:
         self.owner_pid = owner_pid
         self.doorbell = Doorbell(doorbell)
         self.num_workers = arrivals.shape[1]
+        self._counters = [arrivals[kind, :, 0] for kind in range(arrivals.shape[0])]
 
     def count(self, kind, worker):
         return int(self.arrivals[kind, worker, 0])
@@ -111,7 +112,11 @@ class Barriers:
             self.doorbell.ring()
 
     def passed(self, kind, round_number):
-        return bool(np.all(self.arrivals[kind, :, 0] >= round_number))
+        counters = self._counters[kind]
+        for worker in range(self.num_workers):  # a few scalar reads beat a numpy reduction
+            if counters[worker] < round_number:
+                return False
+        return True
 
     def wait(self, kind, round_number, on_sleep=None, on_wake=None):
         """Return once every worker reached ``round_number`` of ``kind``; raise Aborted if the

@@ -114,8 +114,8 @@ class WorkerPool:
         self._tick, self._tick_ms = tick, 1000 * tick_interval_s  # tick(): owner's periodic work
         self.context = multiprocess.get_context(start_method)
         self.start_method = start_method
+        self.faults = parse_faults(os.environ.get("ENGINE_TEST_FAULTS", ""))  # before mkdtemp
         self.log_directory = tempfile.mkdtemp(prefix=log_directory_prefix())
-        self.faults = parse_faults(os.environ.get("ENGINE_TEST_FAULTS", ""))
         self.workers = [None] * num_workers
         self.restarts, self._budget_used = [], 0
         self._poller, self._owners = select.poll(), {}

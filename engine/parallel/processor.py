@@ -557,7 +557,8 @@ def _collect(records, learning_rates, kind, sync, began, ended):
     started = records[:, 0, ws.R_STARTED]
     if kind == ws.TRAIN and sync == "gradients":
         computed, finished = records[:, 0, ws.R_COMPUTED], records[:, 0, ws.R_ENDED]
-        wall_s = finished - started
+        # A step lasts from its start to the next one's (the work between steps counts too).
+        wall_s = np.diff(np.append(started, finished[-1:]))
         sync_s = finished - computed
         wait_s = np.maximum(0.0, (computed - started) - compute_s)
         grad_norm = np.sqrt(records[:, :, ws.R_SUM_SQUARES].sum(axis=1))

@@ -100,6 +100,10 @@ class WorkerCore:
         self._local_flat = None  # sync="states" only; allocated by its first local step
         self._rows_buffer = None
         self._splits = {}
+        self._coefficients = np.zeros(self.num_workers)
+        self._averaged = work.averaged
+        self._param_versions = list(work.versions_of_params)
+        self._optimizer_versions = [version[0] for version in work.versions_of_optimizer]
 
     def run(self, op):
         if op == RUN_PASS:
@@ -152,8 +156,8 @@ class WorkerCore:
                                  np.empty(count, np.int64))
         x, y = self._rows_buffer[0][:count], self._rows_buffer[1][:count]
         index = data.order[start:stop]
-        np.take(data.examples, index, axis=0, out=x)
-        np.take(data.labels, index, out=y)
+        data.examples.take(index, axis=0, out=x)
+        data.labels.take(index, out=y)
         return x, y
 
     def _beat(self, step):
@@ -177,8 +181,11 @@ class WorkerCore:
         num_steps, base, rows, batch_size = self._plan()
         clip_norm = control[ws.CLIP_NORM]
         clip_norm = None if math.isnan(clip_norm) else float(clip_norm)
-        records = self.data.records
+        records, rates = self.data.records, self.data.step_learning_rates
+        coefficients = self._coefficients
         k = barriers.count(ws.UPDATED, i)  # steps completed (by this worker or its predecessor)
+        # The hot loop: per step a few dozen scalar reads and writes; the small per-step checks
+        # run on Python floats (row.tolist()), which beats numpy reductions over a few workers.
         while k < num_steps:
             step, record, row = base + k, records[k, i], records[k]
             self._beat(step)
@@ -188,11 +195,15 @@ class WorkerCore:
                 barriers.arrive(ws.COMPUTED, i, k + 1)
             self._wait(ws.COMPUTED, k + 1)
             record[ws.R_COMPUTED] = time.perf_counter()
-            if not (np.all(np.isfinite(row[:, ws.R_LOSS])) and
-                    np.all(np.isfinite(row[:, ws.R_GRAD_SQUARES]))):
-                return self._stop(k)
-            counts = row[:, ws.R_COUNT]
-            coefficients = counts / counts.sum()
+            computed = row.tolist()
+            total = 0.0
+            for w, fields in enumerate(computed):
+                if not (math.isfinite(fields[ws.R_LOSS]) and
+                        math.isfinite(fields[ws.R_GRAD_SQUARES])):
+                    return self._stop(k)
+                total += fields[ws.R_COUNT]
+            for w, fields in enumerate(computed):
+                coefficients[w] = fields[ws.R_COUNT] / total
             self._beat(step)
             if clip_norm is None:
                 record[ws.R_SUM_SQUARES] = self._reduce_slice(coefficients, record)
@@ -202,14 +213,15 @@ class WorkerCore:
                     record[ws.R_SUM_SQUARES] = self._reduce_slice(coefficients, record)
                     barriers.arrive(ws.REDUCED, i, k + 1)
                 self._wait(ws.REDUCED, k + 1)
-                scale = clip_scale(math.sqrt(row[:, ws.R_SUM_SQUARES].sum()), clip_norm)
-            record[ws.R_NON_FINITE] = self._update_slice(step, self.data.step_learning_rates[k],
-                                                         scale)
+                squares = sum(fields[ws.R_SUM_SQUARES] for fields in row.tolist())
+                scale = clip_scale(math.sqrt(squares), clip_norm)
+            record[ws.R_NON_FINITE] = self._update_slice(step, rates[k], scale)
             barriers.arrive(ws.UPDATED, i, k + 1)
             self._wait(ws.UPDATED, k + 1)
             record[ws.R_ENDED] = time.perf_counter()
-            if np.any(row[:, ws.R_NON_FINITE] != 0.0):
-                return self._stop(k)
+            for fields in row.tolist():
+                if fields[ws.R_NON_FINITE] != 0.0:
+                    return self._stop(k)
             k += 1
 
     def _stop(self, k):
@@ -235,7 +247,7 @@ class WorkerCore:
         """Weighted mean of every slot over this worker's slice into ``reduced``; returns the
         sum of squares of its weights part."""
         work = self.work
-        if work.averaged is not work.reduced:  # one worker: its slot is the average
+        if self._averaged is not work.reduced:  # one worker: its slot is the average
             return record[ws.R_GRAD_SQUARES]
         start, stop = self.weight_slice
         squares = weighted_mean_into(work.reduced, work.slots, coefficients, start, stop, True)
@@ -246,16 +258,17 @@ class WorkerCore:
     def _update_slice(self, step, learning_rate, scale):
         """Optimizer step on this worker's slice, from the version current before ``step`` into
         the next one; the averaged theta copied in. Returns 0.0, or NaN if a value is not finite."""
-        work = self.work
+        params, optimizer = self._param_versions, self._optimizer_versions
+        current, following = step % len(params), (step + 1) % len(params)
         start, stop = self.weight_slice
         non_finite = 0.0
         if stop > start:
             non_finite = self.optimizer.update_into(
-                work.params_at(step + 1), work.optimizer_at(step + 1)[0], work.params_at(step),
-                work.optimizer_at(step)[0], work.averaged, start, stop, learning_rate, step + 1,
-                scale)
+                params[following], optimizer[following], params[current], optimizer[current],
+                self._averaged, start, stop, learning_rate, step + 1, scale)
         start, stop = self.theta_slice
-        work.params_at(step + 1)[start:stop] = work.averaged[start:stop]
+        if stop > start:
+            params[following][start:stop] = self._averaged[start:stop]
         return non_finite
 
     def reduce(self):
