@@ -174,7 +174,49 @@ def task_not_supported():
     return None
 
 
-TASKS = {"zoo": task_zoo, "stacks": task_stacks, "sgd": task_sgd,
+def task_tape(specs, seed):
+    """Per (keras class, config, input shapes, training): the layer's output and GradientTape's
+    gradients of sum(y * dy) with respect to its inputs and trainable weights."""
+    import keras
+    import tensorflow as tf
+    from keras import layers
+    rng = np.random.default_rng(seed)
+    results = []
+    for kind, config, shapes, training in specs:
+        xs = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+        if kind == "AttentionPooling":  # lstm_attention's additive attention, as Keras layers
+            inputs = keras.Input(shapes[0][1:])
+            hidden = layers.Dense(config["units"], activation="tanh")
+            score = layers.Dense(1, use_bias=False)
+            weights = layers.Softmax(axis=1)(score(hidden(inputs)))
+            layer = keras.Model(inputs, layers.Flatten()(layers.Dot(axes=1)([weights, inputs])))
+            call = lambda tensors, training: layer(tensors[0], training=training)
+        else:
+            layer = getattr(layers, kind)(**config)
+            if kind == "MultiHeadAttention":
+                call = lambda tensors, training: layer(tensors[0], tensors[0], training=training)
+            elif kind in ("Add", "Concatenate"):
+                call = lambda tensors, training: layer(tensors, training=training)
+            else:
+                call = lambda tensors, training: layer(tensors[0], training=training)
+        call([tf.constant(x) for x in xs], False)  # builds the weights
+        for variable in layer.trainable_weights:  # random values, biases included
+            variable.assign(rng.standard_normal(variable.shape).astype(np.float32) * 0.5)
+        tensors = [tf.constant(x) for x in xs]
+        with tf.GradientTape() as tape:
+            tape.watch(tensors)
+            y = call(tensors, training)
+            dy = tf.constant(rng.standard_normal(y.shape).astype(np.float32))
+            objective = tf.reduce_sum(y * dy)
+        grads = tape.gradient(objective, tensors + list(layer.trainable_weights))
+        results.append(dict(xs=xs, dy=dy.numpy(), y=y.numpy(),
+                            weights=[v.numpy() for v in layer.trainable_weights],
+                            dxs=[g.numpy() for g in grads[:len(xs)]],
+                            dweights=[g.numpy() for g in grads[len(xs):]]))
+    return results
+
+
+TASKS = {"zoo": task_zoo, "tape": task_tape, "stacks": task_stacks, "sgd": task_sgd,
          "not_supported": task_not_supported}
 
 if __name__ == "__main__":
