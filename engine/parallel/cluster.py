@@ -28,6 +28,7 @@ stops every rank. Under ``mpirun --with-ft ulfm`` a dead peer is an MPI error in
 rank is taken from ``Comm.Get_failed``.
 """
 import atexit
+import gc
 import os
 import select
 import shutil
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 
 import numpy as np
 import psutil
@@ -125,6 +127,7 @@ class Cluster:
         self._inbox = np.zeros((self.size, _HEADER + MAX_VALUES), np.float64)
         self._failure = None
         self._watchdog = _Watchdog(self)
+        _abort_on_uncaught_exception(comm)
         self.last_wait_s = self.last_transfer_s = 0.0
 
     @property
@@ -261,7 +264,7 @@ class Cluster:
         """Mark the communicator unusable; at exit, abort the job instead of finalizing."""
         if self._failure is None:
             self._failure = error
-            atexit.register(_abort_at_exit, self.comm, 1)
+            _register_abort(self.comm)
         return error
 
     def _check_usable(self):
@@ -284,8 +287,40 @@ def _check_buffer(buffer):
 
 
 def _abort_at_exit(comm, code):
+    # Finalizers still pending (a processor never closed) release their shared memory first:
+    # MPI_Abort ends this process before the interpreter would run them.
+    gc.collect()
+    exit_finalizers = getattr(weakref.finalize, "_exitfunc", None)
+    if exit_finalizers is not None:
+        exit_finalizers()
+    sys.stdout.flush()
     sys.stderr.flush()
     comm.Abort(code)
+
+
+_hooked = _abort_registered = False
+
+
+def _register_abort(comm):
+    global _abort_registered
+    if not _abort_registered:
+        _abort_registered = True
+        atexit.register(_abort_at_exit, comm, 1)
+
+
+def _abort_on_uncaught_exception(comm):
+    """An exception that ends this rank's script aborts the job (as ``python -m mpi4py`` does):
+    MPI_Finalize would otherwise wait for peers that wait for this rank until their timeout."""
+    global _hooked
+    if _hooked:
+        return
+    _hooked, previous = True, sys.excepthook
+
+    def hook(kind, value, traceback):
+        previous(kind, value, traceback)
+        _register_abort(comm)
+
+    sys.excepthook = hook
 
 
 class _Watchdog:

@@ -1,7 +1,7 @@
 """Two ranks, each holding what a node's processor holds (a shared-memory block, a forked worker
 and the SIGTERM handler; built here directly so that this test does not depend on the processor),
 run cross-node means; at iteration 3 rank 1 misbehaves: ``kill`` (SIGKILL itself), ``sleep``
-(hangs before the collective) or ``stall`` (reaches the collective, then hangs inside the
+(hangs before the collective), ``raise`` (an uncaught exception) or ``stall`` (reaches the collective, then hangs inside the
 transfer). Prints RESULT lines: the pids at start, and the error a rank raised."""
 import contextlib
 import json
@@ -55,6 +55,8 @@ with node_resources() as worker:
                     os.kill(os.getpid(), signal.SIGKILL)
                 elif MODE == "sleep":
                     time.sleep(120)
+                elif MODE == "raise":
+                    raise RuntimeError("rank 1 fails on purpose")
                 elif MODE == "stall":
                     cluster._roll_call(1, [1.0, 0.0], buffer.size)  # arrive, never transfer
                     time.sleep(120)
