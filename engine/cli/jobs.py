@@ -199,8 +199,8 @@ def _train_in(output_dir, config, data, model, model_args, trainer, out):
           file=out)
     print(f"test accuracy {results['accuracy']:.4f} (loss {test['loss']:.4f}) on "
           f"{len(data.y_test)} examples", file=out)
-    print(f"results in {os.path.abspath(output_dir)}: {', '.join(sorted(name for name in os.listdir(output_dir) if not name.startswith('.')))}",
-          file=out)
+    written = sorted(name for name in os.listdir(output_dir) if not name.startswith("."))
+    print(f"results in {os.path.abspath(output_dir)}: {', '.join(written)}", file=out)
     return results
 
 

@@ -30,7 +30,7 @@ from engine.core.state import NetworkState, check_format
 FORMAT_NAME = "engine.Checkpoint"
 FORMAT_VERSION = 1
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint"]
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "check_resumable"]
 
 
 @dataclass
@@ -131,6 +131,29 @@ def load_checkpoint(path, layout=None):
     except OSError as error:  # a read cut short by a truncated or damaged file
         raise ValueError(f"cannot read {where}: {error}") from None
     return checkpoint
+
+
+def check_resumable(checkpoint, path):
+    """Raise ValueError naming ``path`` unless ``checkpoint`` holds everything a trainer's resume
+    reads: the processor's optimizer state, step and shuffle stream, and the trainer's epoch and
+    shuffle stream."""
+    saved, progress, problems = checkpoint.trainer, checkpoint.training_state, []
+    if not isinstance(progress.get("optimizer"), np.ndarray):
+        problems.append("the optimizer state is missing")
+    for key, kind in (("step", int), ("shuffle_rng", dict)):
+        if not isinstance(progress.get(key), kind) or isinstance(progress.get(key), bool):
+            problems.append(f"the processor's {key!r} is missing or not a JSON {kind.__name__}")
+    epoch = saved.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        problems.append(f"'epoch' must be an int >= 0, found {epoch!r}")
+    if not isinstance(saved.get("stream_rng"), dict):
+        problems.append("'stream_rng' (the shuffle stream) is missing")
+    for key in ("history", "schedule", "callbacks"):
+        if not isinstance(saved.get(key, {}), dict):
+            problems.append(f"{key!r} must be a JSON object")
+    if problems:
+        raise ValueError(f"{os.fspath(path)!r}: cannot resume from it: its training progress "
+                         f"is incomplete or damaged ({'; '.join(problems)}).")
 
 
 def _write_arrays(parent, name, arrays):

@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 
 from engine.training.callbacks import CSVLogger, ModelCheckpoint, ProgressBar
-from engine.training.checkpoint import load_checkpoint, save_checkpoint
+from engine.training.checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from engine.training.datasets import (Feed, Standardizer, Subset, as_labels, check_every_class,
                              check_features, check_labels, describe, stratified_split)
 from engine.training.history import History, merge_results
@@ -290,7 +290,7 @@ class Trainer:
 
     def _restore(self, checkpoint, callbacks, path):
         self.state.check_matches(checkpoint.state, f"the state in {path!r}")
-        _check_progress(checkpoint, path)
+        check_resumable(checkpoint, path)
         self.state = checkpoint.state
         self._processor.load_training_state(checkpoint.training_state)
         saved = checkpoint.trainer
@@ -453,27 +453,6 @@ def evaluate(model, state, x, y, *, standardizer=None, batch_size=256, num_proce
         loss, probabilities = _predict(processor, state, feed)
     accuracy = float(np.mean(probabilities.argmax(axis=1) == y))
     return {"loss": float(loss), "accuracy": accuracy, "probabilities": probabilities}
-
-
-def _check_progress(checkpoint, path):
-    """Raise ValueError naming the file unless it holds everything a resume reads."""
-    saved, progress, problems = checkpoint.trainer, checkpoint.training_state, []
-    if not isinstance(progress.get("optimizer"), np.ndarray):
-        problems.append("the optimizer state is missing")
-    for key, kind in (("step", int), ("shuffle_rng", dict)):
-        if not isinstance(progress.get(key), kind) or isinstance(progress.get(key), bool):
-            problems.append(f"the processor's {key!r} is missing or not a JSON {kind.__name__}")
-    epoch = saved.get("epoch")
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-        problems.append(f"'epoch' must be an int >= 0, found {epoch!r}")
-    if not isinstance(saved.get("stream_rng"), dict):
-        problems.append("'stream_rng' (the shuffle stream) is missing")
-    for key in ("history", "schedule", "callbacks"):
-        if not isinstance(saved.get(key, {}), dict):
-            problems.append(f"{key!r} must be a JSON object")
-    if problems:
-        raise ValueError(f"{os.fspath(path)!r}: cannot resume from it: its training progress "
-                         f"is incomplete or damaged ({'; '.join(problems)}).")
 
 
 def _check_positive_int(value, name, hint):
