@@ -92,6 +92,11 @@ class KerasModel:
         model.save_keras(state, "imu.keras")
     """
 
+    # The engine's contract dry run calls a model in the owner; this one must not run there
+    # (TensorFlow in the owner would make forking workers unsafe), and it is the engine's own
+    # adapter, tested against Keras itself.
+    dry_run_in_owner = False
+
     def __init__(self, model, *, loss_fn=None, custom_objects=None, jit_compile=False,
                  unroll_rnns=False):
         self.custom_objects = dict(custom_objects or {})
