@@ -53,8 +53,8 @@ _ROLL_TAG = 0x7E11
 _HEADER = 4                       # sequence, kind, number of values, buffer size
 MAX_VALUES = 16                   # small sums per roll call (eager-sized messages)
 _KINDS = {1: "the cross-node mean", 2: "a cross-node sum", 3: "the broadcast from rank 0",
-          4: "a barrier"}
-_MEAN, _SUM, _BCAST, _BARRIER = 1, 2, 3, 4
+          4: "a barrier", 5: "a check that the ranks agree", 6: "the gather of every node's rows"}
+_MEAN, _SUM, _BCAST, _BARRIER, _AGREE, _GATHER = 1, 2, 3, 4, 5, 6
 _FIRST_SLEEP_S, _MAX_SLEEP_S = 20e-6, 1e-3
 
 
@@ -179,6 +179,43 @@ class Cluster:
         self._roll_call(_BCAST, [], buffer.nbytes)
         if self.size > 1:
             self._transfer(lambda: self.comm.Bcast(buffer, root=0), _BCAST)
+
+    def check_same(self, values, what):
+        """Raise ClusterError unless every rank passed the same ``values`` (up to MAX_VALUES
+        numbers, e.g. a data fingerprint or the batch size); ``what`` names them in the error."""
+        values = np.asarray(values, np.float64).ravel()
+        self._roll_call(_AGREE, values)
+        rows = self._inbox[:, _HEADER:_HEADER + values.size]
+        differ = [rank for rank in range(self.size) if not np.array_equal(rows[rank], values)]
+        if differ:  # every rank sees the same rows, so all raise together: no rank is left out
+            raise ClusterError(differ, (
+                f"rank(s) {differ} have other {what} than rank {self.rank} "
+                f"({rows[differ[0]].tolist()} against {values.tolist()}): every rank must run "
+                "the same script on the same data with the same options."))
+
+    def gather_rows(self, local, total_rows):
+        """Every node's contiguous share of ``total_rows`` rows (this node's is ``local``, shaped
+        ``(rows, ...)`` as :meth:`node_share` splits them), in order, on every rank.
+
+        Returns a new array of ``(total_rows, ...)`` with ``local``'s dtype.
+        """
+        local = np.ascontiguousarray(local)
+        row_size = int(np.prod(local.shape[1:], dtype=np.int64))
+        bounds = split_batch(int(total_rows), self.size)
+        if len(local) != bounds[self.rank + 1] - bounds[self.rank]:
+            raise ValueError(f"gather_rows got {len(local)} rows from rank {self.rank}, whose "
+                             f"share of {total_rows} is {bounds[self.rank + 1] - bounds[self.rank]}.")
+        out = np.empty((int(total_rows), *local.shape[1:]), local.dtype)
+        self._roll_call(_GATHER, [], int(total_rows) * row_size)
+        if self.size == 1:
+            out[...] = local
+            return out
+        counts = np.diff(bounds) * row_size
+        displacements = bounds[:-1] * row_size
+        self._transfer(lambda: self.comm.Allgatherv(
+            local.reshape(-1), [out.reshape(-1), counts.tolist(), displacements.tolist(),
+                                self.MPI._typedict[local.dtype.char]]), _GATHER)
+        return out
 
     def barrier(self):
         """Wait (up to ``timeout_s``) until every rank has called barrier."""

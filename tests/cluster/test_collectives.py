@@ -27,3 +27,8 @@ def test_mean_weights_nodes_by_examples_and_is_identical_on_every_rank(run_mpi):
         assert result["bcast"] == list(np.arange(10, dtype=np.float32).astype(float))
     assert first["digest"] == second["digest"]  # every rank holds the same reduced bytes
     assert first["share"] == [0, 51] and second["share"] == [51, 101]
+    assert first["gathered_ok"] and second["gathered_ok"]
+    for result, other in ((first, 1), (second, 0)):
+        assert result["disagreement"]["type"] == "ClusterError"
+        assert result["disagreement"]["ranks"] == [other]
+        assert "have other ranks than rank" in result["disagreement"]["message"]

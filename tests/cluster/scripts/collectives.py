@@ -32,6 +32,15 @@ sums = cluster.sum_([rank + 0.25, 1.0, 1e-17 * (rank + 1)])
 state = np.arange(10, dtype=np.float32) * (rank + 1)
 cluster.bcast_(state)
 cluster.barrier()
+start, stop = cluster.node_share(11)
+rows = np.arange(33, dtype=np.float32).reshape(11, 3)
+gathered = cluster.gather_rows(rows[start:stop] * 1.0, 11)
+cluster.check_same([7, 2.5], "batch sizes")
+try:
+    cluster.check_same([rank], "ranks")
+    disagreement = None
+except Exception as error:  # ClusterError naming the other rank
+    disagreement = dict(type=type(error).__name__, ranks=list(error.ranks), message=str(error))
 digest = hashlib.sha256(buffer.tobytes()).hexdigest()
 print("RESULT " + json.dumps(dict(
     rank=rank, size=size, local_size=cluster.local_size, pid=os.getpid(),
@@ -39,5 +48,6 @@ print("RESULT " + json.dumps(dict(
     max_abs_error=float(np.max(np.abs(buffer - expected))),
     loss=got_loss, expected_loss=expected_loss, examples=got_examples,
     expected_examples=float(counts.sum()), sums=sums.tolist(),
-    bcast=state.tolist(), digest=digest, share=cluster.node_share(101))), flush=True)
+    bcast=state.tolist(), digest=digest, share=cluster.node_share(101),
+    gathered_ok=bool(np.array_equal(gathered, rows)), disagreement=disagreement)), flush=True)
 cluster.close()
