@@ -156,6 +156,8 @@ def build_parser():
                       help="do not start TensorFlow (in a child process) to list its GPUs")
     from engine.cli.predict import add_predict_command
     add_predict_command(commands)
+    from engine.cli.bench import add_bench_command
+    add_bench_command(commands)
     models = commands.add_parser("models", help="registered models and their arguments",
                                  description="The model names --model takes, with arguments.")
     models.add_argument("--json", action="store_true", help="print JSON")
@@ -207,6 +209,14 @@ def _evaluate(args):
 def _predict(args):
     from engine.cli.predict import run_predict
     run_predict(args.checkpoint, args.data, args.output, x_key=args.x_key, workers=args.workers)
+
+
+def _bench(args):
+    from engine.cli.bench import run_bench
+    run_bench(args.kind, model=args.model, model_args=args.model_args,
+              input_shape=args.input_shape, classes=args.classes, batch_size=args.batch_size,
+              examples=args.examples, workers=args.workers, sizes=args.sizes,
+              output_dir=args.output_dir, quick=args.quick)
 
 
 def _info(args):
@@ -262,7 +272,7 @@ def main(argv=None):
     """Run one command; returns the exit status."""
     args = build_parser().parse_args(argv)
     handler = {"train": _train, "evaluate": _evaluate, "info": _info, "models": _models,
-               "predict": _predict}
+               "predict": _predict, "bench": _bench}
     try:
         with warnings.catch_warnings():  # one line per warning, no source line under it
             warnings.showwarning = _one_line_warning(args.command)

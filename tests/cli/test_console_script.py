@@ -1,10 +1,13 @@
 """The installed console script has a name no other package is likely to use; ``python -m
 engine`` runs the same main."""
+import os
 import subprocess
 import sys
 from importlib import metadata
 
 import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DISTRIBUTION = "parallel-cpu-engine"
 
@@ -21,6 +24,6 @@ def test_console_script_is_named_after_the_distribution_not_engine():
 
 def test_python_dash_m_engine_still_runs_the_command_line():
     child = subprocess.run([sys.executable, "-m", "engine", "predict", "--help"],
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert child.returncode == 0, child.stderr
     assert "--checkpoint" in child.stdout and "--output" in child.stdout
