@@ -18,8 +18,9 @@ def test_get_model_builds_the_registered_class(name, kwargs, cls):
 
 def test_available_models_describes_every_registered_name_with_its_arguments():
     described = available_models()
-    assert set(described) == {"softmax_regression", "mlp", "cnn1d", "imu_cnn_bilstm",
-                              "lstm_attention", "cnn_bilstm_attention"}
+    assert set(described) == set(models._REGISTRY) >= {
+        "softmax_regression", "mlp", "cnn1d", "imu_cnn_bilstm", "lstm_attention",
+        "cnn_bilstm_attention"}
     assert "sizes" in described["mlp"] and "dropout" in described["mlp"]
     assert "input_dim" in described["softmax_regression"]
     assert "channels" in described["cnn1d"]
