@@ -25,10 +25,11 @@ from engine.training.callbacks import CSVLogger, ModelCheckpoint, ProgressBar
 from engine.training.checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from engine.training.datasets import (Feed, Standardizer, Subset, as_labels, check_every_class,
                              check_features, check_labels, describe, stratified_split)
+from engine.training.evaluation import _predict, evaluate
 from engine.training.history import History, merge_results
+from engine.training.losses import make_loss
 from engine.training.run_folder import hold_run_folder, run_folder_of
 from engine.backends.device import make_processor
-from engine.parallel.processor import ParallelBatchProcessor
 from engine.training.schedules import Schedule, make_schedule
 from engine.parallel.system import available_memory_bytes, usable_cores
 
@@ -389,39 +390,6 @@ class Trainer:
         return loss, float(np.mean(probabilities.argmax(axis=1) == feed.y))
 
 
-def _predict(processor, state, feed):
-    """Mean loss and class probabilities of ``feed`` in inference mode, in input order."""
-    params = {"update_weights": False}
-    if feed.in_memory:
-        _, results = processor.run_parallel(feed.x, feed.y, state, params)
-        return results["mean_loss"], results["predictions"]
-    losses, predictions = [], []
-    for x, y in feed.segments(np.arange(len(feed.y)), processor.batch_size):
-        _, results = processor.run_parallel(x, y, state, params)
-        losses.append(results["mean_loss"] * len(y))
-        predictions.append(results["predictions"])
-    return sum(losses) / len(feed.y), np.concatenate(predictions)
-
-
-def make_loss(loss, *, label_smoothing=0.0, class_weight=None, gamma=2.0, alpha=1.0):
-    """A ``models.losses`` object (or None for plain cross-entropy) from a name or an object."""
-    from models.losses import CrossEntropy, FocalLoss
-    if loss is None or isinstance(loss, str) and loss in ("ce", "cross_entropy"):
-        if not label_smoothing and class_weight is None:
-            return None  # the models' own softmax cross-entropy: the same maths, less work
-        return CrossEntropy(label_smoothing=label_smoothing, class_weight=class_weight)
-    if isinstance(loss, str) and loss == "focal":
-        return FocalLoss(gamma=gamma, alpha=alpha, label_smoothing=label_smoothing,
-                         class_weight=class_weight)
-    if isinstance(loss, str):
-        raise ValueError(f"unknown loss {loss!r}. Use 'cross_entropy' ('ce'), 'focal', or a loss "
-                         "object from models.losses.")
-    if not callable(getattr(loss, "value_and_grad", None)):
-        raise TypeError(f"loss must be a name or have value_and_grad(logits, labels). Received: "
-                        f"{loss!r}.")
-    return loss
-
-
 def fit(model, x, y, *, epochs, validation_data=None, validation_split=0.0, resume=None,
         initial_state=None, check_data=True, **options):
     """Train ``model`` on ``(x, y)``; returns a :class:`History` whose ``state`` is the result.
@@ -435,24 +403,6 @@ def fit(model, x, y, *, epochs, validation_data=None, validation_split=0.0, resu
     return trainer.fit(x, y, epochs=epochs, validation_data=validation_data,
                        validation_split=validation_split, resume=resume,
                        initial_state=initial_state, check_data=check_data)
-
-
-def evaluate(model, state, x, y, *, standardizer=None, batch_size=256, num_processes=None,
-             memory_limit_bytes=None):
-    """Mean loss, accuracy and class probabilities of ``state`` on ``(x, y)`` (inference mode).
-
-    Returns ``{"loss": float, "accuracy": float, "probabilities": (n, classes) array}``.
-    """
-    y = as_labels(y, "y")
-    check_features(x, describe(x, "x"), num_labels=len(y))
-    check_labels(y, int(model.num_outputs), f"labels of {describe(x, 'x')}")
-    processes = min(num_processes or usable_cores(), len(y))
-    feed = Feed(x, y, standardizer, memory_limit_bytes or available_memory_bytes() // 4)
-    with ParallelBatchProcessor(model, num_processes=processes,
-                                batch_size=max(processes, min(batch_size, len(y)))) as processor:
-        loss, probabilities = _predict(processor, state, feed)
-    accuracy = float(np.mean(probabilities.argmax(axis=1) == y))
-    return {"loss": float(loss), "accuracy": accuracy, "probabilities": probabilities}
 
 
 def _check_positive_int(value, name, hint):
