@@ -1,0 +1,356 @@
+"""The native engine against its peers on the IMU CNN-BiLSTM workload: Keras ``model.fit`` and a
+PyTorch twin (default threads, and DDP/gloo with one rank per core), all in one run.
+
+    .venv/bin/python benchmarks/vs_peers.py [--quick] [--rounds N]
+
+Workload (issue 9, item 5): ``imu_cnn_bilstm`` (Conv1D(64,5)+BN, Conv1D(128,5), MaxPool(2),
+BiLSTM(128, sequences), BiLSTM(128), Dense(128), Dropout(0.3), Dense(26); 739,226 values),
+11,392 synthetic examples of shape (128, 13), 26 classes, global batch 64, Adam(1e-3).
+Configurations, each kept alive for the whole run, warmed up by one discarded epoch, then taking
+turns epoch by epoch (each round starting with a different one):
+
+* ``native Np``: ``ParallelBatchProcessor`` over the native model, one worker per usable core
+  (no TensorFlow anywhere); ``native 1 thread``: the same maths in this process, BLAS at 1 thread;
+* ``fit default``: Keras ``model.fit`` in a child process, TensorFlow's default threading;
+* ``torch default`` and ``torch 1 thread``: a PyTorch twin of the model in a child process;
+* ``torch DDP Nx1``: DistributedDataParallel over gloo, one rank per usable core, one thread each,
+  the same global batch (each rank takes its share of every batch of 64).
+
+Rates are steady-state samples/s: examples of the steps after the first ``SKIP_STEPS`` of each
+epoch over the time they took (the engine's per-step ``wall_s``, the peers' step-end timestamps).
+Before that, one child process times one LSTM direction forward + backward (62 steps, batch 32,
+128 units, input 128, one thread) natively and in torch, interleaved.
+
+Headline (last line): ``vs_peers native_vs_fit=X native_vs_torch_ddp=Y efficiency=Z``: native
+engine rate / fit default rate; / torch DDP rate (nan without torch); / (cores x native 1-thread
+rate). Targets (issue 9): X >= 1.6, Y >= 1.2, Z >= 0.9, native 1 thread >= torch 1 thread.
+"""
+import _common  # noqa: F401 - first: puts the repository root on sys.path
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from _common import CpuLoad, QuietWaiter, format_seconds, leftovers, log, parse_args, rotated, \
+    write_results
+from vs_keras import (BATCH_SIZE, CLASSES, LEARNING_RATE, ROWS, SHAPE, SKIP_STEPS, EngineRunner,
+                      FitRunner, _epoch_record, _step_sizes, make_data)
+
+QUICK_ROWS = 8 * BATCH_SIZE  # --quick: 8 steps per epoch, 3 of them timed
+
+_SETTLE_S = 0.5
+_QUIET_BUDGET_S = 120.0
+_LIMITS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def native_model():
+    """The zoo's native ``imu_cnn_bilstm``, or the same stack as a Sequential before it exists."""
+    import models
+    if "imu_cnn_bilstm" in models.available_models():
+        return models.get_model("imu_cnn_bilstm", learning_rate=LEARNING_RATE), "zoo"
+    from models.layers import (BatchNorm, Conv1D, Dense, Dropout, MaxPool1D, ReLU)
+    from models.layers.recurrent import LSTM, Bidirectional
+    layers = [Conv1D(64, 5), ReLU(), BatchNorm(momentum=0.99, epsilon=1e-3), Conv1D(128, 5),
+              ReLU(), MaxPool1D(2), Bidirectional(LSTM(128, return_sequences=True)),
+              Bidirectional(LSTM(128)), Dense(128), ReLU(), Dropout(0.3), Dense(CLASSES)]
+    return models.Sequential(layers, SHAPE), "sequential twin"
+
+
+# -- torch, in child processes (run with --torch-child) ------------------------------------------
+def _torch_twin():
+    import torch
+    from torch import nn
+
+    class ImuCnnBiLstm(nn.Module):
+        """keras_zoo.imu_cnn_bilstm in torch (Keras's BatchNorm momentum and epsilon)."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn = nn.Conv1d(SHAPE[1], 64, 5), nn.BatchNorm1d(64, eps=1e-3,
+                                                                              momentum=0.01)
+            self.conv2, self.pool = nn.Conv1d(64, 128, 5), nn.MaxPool1d(2)
+            self.lstm1 = nn.LSTM(128, 128, batch_first=True, bidirectional=True)
+            self.lstm2 = nn.LSTM(256, 128, batch_first=True, bidirectional=True)
+            self.dense, self.dropout = nn.Linear(256, 128), nn.Dropout(0.3)
+            self.classes = nn.Linear(128, CLASSES)
+
+        def forward(self, x):                      # x: (n, timesteps, channels), as Keras
+            x = self.bn(torch.relu(self.conv1(x.transpose(1, 2))))
+            x = self.pool(torch.relu(self.conv2(x))).transpose(1, 2)
+            x, _ = self.lstm1(x)
+            _, (h, _) = self.lstm2(x)              # h: (2, n, 128), forward and backward finals
+            x = torch.relu(self.dense(torch.cat([h[0], h[1]], dim=1)))
+            return self.classes(self.dropout(x))
+
+    return ImuCnnBiLstm()
+
+
+def torch_child(rank, world, threads, rows, port):
+    """Serve "epoch" commands on stdin: one epoch each, answered with a JSON line."""
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    if world > 1:
+        import torch.distributed as dist
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world)
+    torch.manual_seed(0)
+    model = _torch_twin()
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x, y = (torch.from_numpy(a) for a in make_data(rows))
+    print(json.dumps(dict(ready=True, threads=torch.get_num_threads())), flush=True)
+    for epoch, line in enumerate(sys.stdin):
+        if line.strip() != "epoch":
+            break
+        order = torch.from_numpy(np.random.default_rng(epoch).permutation(rows))
+        began = time.perf_counter()
+        ends, total = [began], 0.0
+        for start in range(0, rows, BATCH_SIZE):
+            batch = order[start:start + BATCH_SIZE]
+            share = -(-len(batch) // world)    # this rank's part of the global batch
+            batch = batch[rank * share:(rank + 1) * share]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x[batch]), y[batch])
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            ends.append(time.perf_counter())
+        print(json.dumps(dict(seconds=time.perf_counter() - began, step_ends=ends,
+                              loss=total / (len(ends) - 1), rss_bytes=_rss_bytes())), flush=True)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def _rss_bytes():
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_env(threads):
+    env = {k: v for k, v in os.environ.items() if k not in _LIMITS}
+    if threads:
+        env.update({k: str(threads) for k in _LIMITS})
+    return env
+
+
+class TorchRunner:
+    """The torch twin in ``world`` child processes (DDP over gloo when world > 1)."""
+
+    def __init__(self, label, world, threads, rows):
+        self.label, self.epochs, port = label, [], _free_port()
+        self.processes = [subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--torch-child", str(rank), str(world),
+             str(threads), str(rows), str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, env=_child_env(threads)) for rank in range(world)]
+        self.info = [json.loads(p.stdout.readline()) for p in self.processes]
+
+    def epoch(self, rows):
+        for process in self.processes:
+            process.stdin.write("epoch\n")
+            process.stdin.flush()
+        answers = [json.loads(p.stdout.readline()) for p in self.processes]
+        lead = answers[0]                          # ranks meet at every all-reduce: rank 0 speaks
+        steps = np.diff(np.asarray(lead["step_ends"]))
+        return _epoch_record(lead["seconds"], steps, _step_sizes(rows, len(steps)), rows,
+                             loss=lead["loss"], rss_bytes=[a["rss_bytes"] for a in answers])
+
+    def close(self):
+        for process in self.processes:
+            if process.poll() is None:
+                process.stdin.close()
+        for process in self.processes:
+            process.wait(timeout=60)
+
+
+class NativeOneThreadRunner(EngineRunner):
+    """The native model in this process (``num_processes=1``), BLAS limited to one thread."""
+
+    def __init__(self, label, model):
+        super().__init__(label, model, 1)
+
+    def epoch(self, data):
+        from threadpoolctl import threadpool_limits
+        with threadpool_limits(limits=1):
+            return super().epoch(data)
+
+
+# -- one LSTM direction, native against torch (run with --layer-child) -----------------------
+def layer_child(repeats):
+    """Median ms of forward + backward of one LSTM direction, native and torch, interleaved."""
+    from models.layers.recurrent import LSTM
+    timesteps, batch, units, features = 62, 32, 128, 128
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, timesteps, features)).astype(np.float32)
+    layer = LSTM(units, return_sequences=True)
+    weights = layer.init_weights((timesteps, features), rng)
+    dy = np.ones((batch, timesteps, units), np.float32)
+
+    def native():
+        y, cache = layer.forward(x, weights, {}, training=True)
+        layer.backward(weights, cache, dy)
+
+    runs = {"native": native}
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+        torch.set_num_threads(1)
+        module = torch.nn.LSTM(features, units, batch_first=True)
+        x_torch = torch.from_numpy(x).requires_grad_(True)
+
+        def peer():
+            y, _ = module(x_torch)
+            y.backward(torch.from_numpy(dy))
+        runs["torch"] = peer
+    times = {name: [] for name in runs}
+    for turn in range(repeats + 1):
+        for name, run in rotated(runs.items(), turn):
+            began = time.perf_counter()
+            for _ in range(5):
+                run()
+            if turn:
+                times[name].append((time.perf_counter() - began) / 5)
+    print(json.dumps({name: float(np.median(t)) * 1e3 for name, t in times.items()}))
+
+
+def layer_comparison(repeats):
+    finished = subprocess.run([sys.executable, os.path.abspath(__file__), "--layer-child",
+                               str(repeats)], capture_output=True, text=True, timeout=600,
+                              env=_child_env(1))
+    if finished.returncode != 0:
+        raise RuntimeError(f"the layer benchmark failed:\n{finished.stderr[-3000:]}")
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--torch-child":
+        torch_child(*(int(v) for v in sys.argv[2:7]))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--layer-child":
+        layer_child(int(sys.argv[2]))
+        return
+    args = parse_args(__doc__.splitlines()[0], lambda parser: parser.add_argument(
+        "--rounds", type=int, default=None, help="timed epochs per configuration (default 3, "
+                                                 "1 with --quick)"))
+    from engine import usable_cores
+    cores = usable_cores()
+    rows = QUICK_ROWS if args.quick else ROWS
+    rounds = args.rounds or (1 if args.quick else 3)
+    have_torch = importlib.util.find_spec("torch") is not None
+    load = CpuLoad()
+    quiet = QuietWaiter(0.0 if args.quick else _QUIET_BUDGET_S)
+    quiet.wait()
+    lstm = layer_comparison(1 if args.quick else 15)
+    log("one LSTM direction, forward + backward, 1 thread: " +
+        ", ".join(f"{name} {ms:.2f} ms" for name, ms in lstm.items()))
+    data = make_data(rows)
+    model, model_source = native_model()
+    log(f"vs_peers: usable cores {cores}; native model from the {model_source}; {rows:,} "
+        f"examples of {SHAPE}, batch {BATCH_SIZE}, {rounds} timed epochs per configuration")
+    runners, ready_s = [], {}
+    try:
+        began = time.perf_counter()
+        runners.append(EngineRunner(f"native {cores}p", model, cores))
+        ready_s[runners[-1].label] = time.perf_counter() - began
+        runners.append(NativeOneThreadRunner("native 1 thread", model))
+        runners.append(FitRunner("fit default", 0, rows))
+        if have_torch:
+            runners.append(TorchRunner("torch default", 1, 0, rows))
+            runners.append(TorchRunner("torch 1 thread", 1, 1, rows))
+            runners.append(TorchRunner(f"torch DDP {cores}x1", cores, 1, rows))
+        log("started: " + ", ".join(runner.label for runner in runners))
+        history = []
+        # --quick times its first epoch (compilation included): it keeps the script working and
+        # its timings mean nothing.
+        warm_up = 0 if args.quick else 1
+        for turn in range(1 - warm_up, rounds + 1):
+            if turn > 0:
+                quiet.wait()
+            round_load, rates = CpuLoad(), {}
+            for runner in rotated(runners, turn):
+                time.sleep(_SETTLE_S)
+                record = runner.epoch(data if isinstance(runner, EngineRunner) else rows)
+                if turn > 0:
+                    runner.epochs.append(record)
+                rates[runner.label] = record["steady_samples_per_s"]
+            others = round_load.other_cores()
+            if turn > 0:
+                history.append(dict(steady_samples_per_s=rates, other_processes_cores=others))
+            log(f"{'warm-up' if turn == 0 else f'round {turn}/{rounds}'}  " +
+                "  ".join(f"{label}: {rate:,.0f}/s" for label, rate in rates.items()) +
+                f"  (other processes: {others:.2f} cores)")
+    finally:
+        for runner in runners:
+            runner.close()
+    summary = _summarize(runners, cores, lstm)
+    cleanup, cpu = leftovers(), load.report()
+    _print_summary(summary, cores)
+    path = write_results("vs_peers", args, summary, rounds=history, cleanup=cleanup,
+                         cpu_load=cpu, quiet_wait=quiet.report(), native_model=model_source,
+                         engine_ready_s=ready_s,
+                         workload=dict(rows=rows, batch_size=BATCH_SIZE, shape=SHAPE,
+                                       classes=CLASSES, learning_rate=LEARNING_RATE,
+                                       skip_steps=SKIP_STEPS))
+    if cpu["other_processes_cores"] > 0.1:
+        log(f"note: other processes used {cpu['other_processes_cores']:.2f} cores on average "
+            "during the run; the timings may be disturbed")
+    print(f"results: {path}")
+    print(f"vs_peers native_vs_fit={summary['native_vs_fit']:.2f} "
+          f"native_vs_torch_ddp={summary['native_vs_torch_ddp']:.2f} "
+          f"efficiency={summary['efficiency']:.2f}", flush=True)
+    if cleanup["our_shm_blocks"] or cleanup["live_children"]:
+        raise SystemExit(1)
+
+
+def _summarize(runners, cores, lstm):
+    configurations = {}
+    for runner in runners:
+        epochs = runner.epochs
+        steady = sum(e["steady_s"] for e in epochs)
+        examples = sum(e["steady_samples_per_s"] * e["steady_s"] for e in epochs)
+        configurations[runner.label] = dict(
+            steady_samples_per_s=examples / steady,
+            steady_samples_per_s_per_epoch=[e["steady_samples_per_s"] for e in epochs],
+            step_mean_s=steady / sum(e["steps"] - SKIP_STEPS for e in epochs),
+            peak_rss_bytes=epochs[-1]["rss_bytes"], final_loss=epochs[-1]["loss"], epochs=epochs)
+    rate = {label: c["steady_samples_per_s"] for label, c in configurations.items()}
+    native = rate[f"native {cores}p"]
+    ddp = rate.get(f"torch DDP {cores}x1", float("nan"))
+    return dict(configurations=configurations, cores=cores, lstm_direction_ms=lstm,
+                native_vs_fit=native / rate["fit default"], native_vs_torch_ddp=native / ddp,
+                efficiency=native / (cores * rate["native 1 thread"]),
+                native_1_thread_vs_torch_1_thread=rate["native 1 thread"] /
+                rate.get("torch 1 thread", float("nan")))
+
+
+def _print_summary(summary, cores):
+    print(f"\nimu_cnn_bilstm, batch {BATCH_SIZE}, Adam, {cores} usable cores "
+          f"(steady state: steps after the first {SKIP_STEPS} of each epoch)")
+    print(f"  {'configuration':<18} {'samples/s':>10} {'per epoch':>22} {'step':>10} "
+          f"{'peak RSS per process':>26}")
+    for label, c in summary["configurations"].items():
+        per_epoch = ", ".join(f"{rate:,.0f}" for rate in c["steady_samples_per_s_per_epoch"])
+        rss = ", ".join(f"{value / 2**20:,.0f} MiB" for value in c["peak_rss_bytes"])
+        print(f"  {label:<18} {c['steady_samples_per_s']:>10,.0f} {per_epoch:>22} "
+              f"{format_seconds(c['step_mean_s']):>10} {rss:>26}")
+    lstm = ", ".join(f"{name} {ms:.2f} ms" for name, ms in summary["lstm_direction_ms"].items())
+    print(f"  native 1 thread / torch 1 thread: "
+          f"{summary['native_1_thread_vs_torch_1_thread']:.2f}; one LSTM direction forward + "
+          f"backward (T 62, batch 32, 128 units, 1 thread): {lstm}\n")
+
+
+if __name__ == "__main__":
+    main()
