@@ -52,6 +52,7 @@ from models.cnn1d import CNN1D
 from models.losses import CrossEntropy, FocalLoss
 from models.mlp import MLP
 from models.graph import Graph
+from models.gru import GRUClassifier
 from models.keras_interop import from_keras, to_keras
 from models.sequential import Sequential
 from models.softmax_regression import SoftmaxRegression
@@ -63,6 +64,7 @@ __all__ = ["Sequential", "Graph", "from_keras", "to_keras", "SoftmaxRegression",
 _REGISTRY = {"softmax_regression": SoftmaxRegression, "mlp": MLP, "cnn1d": CNN1D,
              "imu_cnn_bilstm": imu_cnn_bilstm, "lstm_attention": lstm_attention,
              "cnn_bilstm_attention": cnn_bilstm_attention}
+_REGISTRY["gru"] = GRUClassifier  # the MNIST-1D paper's (bidirectional) GRU baseline
 
 
 def available_models():
