@@ -15,7 +15,11 @@ by both ranks together:
 * ``copy_floor``: ``np.copyto`` of P float32 on both ranks at once (an allreduce of two ranks
   on one host moves at least that);
 * ``in_node_sync``: on rank 0 alone (rank 1 waits), the ``sync_s`` that ``process_batch``
-  reports for a stub model of P weights on 2 workers: the shared-memory reduce-scatter + SGD.
+  reports for a stub model of P weights on 2 workers: the shared-memory reduce-scatter + SGD;
+* ``roll_call``: ``Cluster.sum_`` of one number (the fixed per-collective cost).
+Then one node's step of each reference model (rank 0, 2 workers) at its batch and half of it,
+and the cost model built from these figures (step time and efficiency at 2-64 nodes over 10, 25
+and 100 Gb/s; the two link constants it needs are stated below as assumptions).
 The training step (reference MLP 784-1024-256-10, Adam, global batch 256) runs on 2 nodes x 1
 worker with ``cluster="mpi"`` and, interleaved, on one node x 1 worker with the node's share of
 the batch (128): ``step_efficiency`` = that single-node step time / the 2-node step time (1.0:
@@ -23,6 +27,7 @@ crossing nodes costs nothing). Last line: ``cluster allreduce_ms_16m=X step_effi
 """
 import _common  # noqa: F401 - first: puts the repository root on sys.path
 
+import math
 import time
 
 import numpy as np
@@ -36,7 +41,7 @@ from sync_overhead import ConstantGradientModel
 SIZES = (1 << 20, 4 << 20, 16 << 20, 64 << 20)
 FULL = dict(rounds=6, repeats=8, warmup=2, steps=30)
 QUICK = dict(rounds=2, repeats=2, warmup=1, steps=4, sizes=(1 << 20, 16 << 20))
-SIDES = ("cross_node_mean", "mpi_allreduce", "copy_floor", "in_node_sync")
+SIDES = ("cross_node_mean", "mpi_allreduce", "copy_floor", "in_node_sync", "roll_call")
 
 
 def measure_size(cluster, num_values, plan):
@@ -61,6 +66,8 @@ def measure_size(cluster, num_values, plan):
             cluster.comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
         elif side == "copy_floor":
             np.copyto(target, source)
+        elif side == "roll_call":
+            cluster.sum_([1.0])
         elif processor is not None:  # in_node_sync: rank 0 alone, rank 1 idles in the barrier
             _, step = processor.process_batch(x, y, state, {"learning_rate": 1e-9})
             return step["sync_s"]
@@ -85,24 +92,57 @@ def measure_size(cluster, num_values, plan):
                 samples={side: values for side, values in samples.items() if side in stats})
 
 
-def _reference_mlp():
-    from models import MLP
-    return MLP(sizes=(784, 1024, 256, 10))
+def _reference_models():
+    from models import CNN1D, MLP
+    return {"mlp": (MLP(sizes=(784, 1024, 256, 10)), (784,), 10, 256),
+            "cnn": (CNN1D(), None, 10, 100)}
 
 
-def measure_step(cluster, plan):
-    """2 nodes x 1 worker (global batch 256) against 1 node x 1 worker (batch 128), alternating
-    blocks of steps; returns per-step timings of both (the single node runs on rank 0)."""
-    rng = np.random.default_rng(0)
-    batch = 256
-    x = rng.normal(size=(batch, 784)).astype(np.float32)
-    y = rng.integers(0, 10, size=batch)
-    model = _reference_mlp()
+def _synthetic(model, feature_shape, classes, rows, seed=0):
+    rng = np.random.default_rng(seed)
+    if feature_shape is None:
+        feature_shape = tuple(model.input_shape)
+    return (rng.normal(size=(rows, *feature_shape)).astype(np.float32),
+            rng.integers(0, classes, size=rows))
+
+
+def measure_node_steps(cluster, plan):
+    """One node's step (rank 0 alone, both cores, 2 workers; rank 1 waits) for each reference
+    model at its batch and at half of it: compute_s, sync_s, wait_s and wall_s medians, the
+    figures the cost model scales. Returns {model: {batch: parts}} (empty on other ranks)."""
+    record = {}
+    for name, (model, feature_shape, classes, batch) in _reference_models().items():
+        record[name] = dict(num_weights=int(model.init_state(seed=0).buffer.size), batches={})
+        for rows in (batch, batch // 2):
+            cluster.barrier()
+            if cluster.is_root:
+                x, y = _synthetic(model, feature_shape, classes, rows)
+                state = model.init_state(seed=0)
+                steps = {key: [] for key in ("compute_s", "sync_s", "wait_s", "wall_s")}
+                with ParallelBatchProcessor(model, num_processes=2, batch_size=rows,
+                                            optimizer="adam") as processor:
+                    for index in range(plan["steps"] + 3):  # 3 warm-up steps
+                        state, step = processor.process_batch(x, y, state,
+                                                              {"learning_rate": 1e-4})
+                        if index >= 3:
+                            for key in steps:
+                                steps[key].append(float(step[key]))
+                record[name]["batches"][rows] = {key: summarize(values)["median_s"]
+                                                 for key, values in steps.items()}
+            cluster.barrier()
+    return record if cluster.is_root else {}
+
+
+def measure_cluster_step(cluster, plan):
+    """The reference MLP on 2 nodes x 1 worker (global batch 256, ``cluster="mpi"``) against one
+    node x 1 worker with the node's share (128), alternating blocks of steps. step_efficiency =
+    the single-node step / the 2-node step (1.0: crossing nodes costs nothing)."""
+    model, feature_shape, classes, batch = _reference_models()["mlp"]
+    x, y = _synthetic(model, feature_shape, classes, batch)
     state = model.init_state(seed=0)
     params = {"learning_rate": 1e-4}
     keys = ("wall_s", "compute_s", "sync_s", "wait_s", "cluster_s", "cluster_wait_s")
-    cluster_steps = {key: [] for key in keys}
-    single_steps = []
+    cluster_steps, single_steps = {key: [] for key in keys}, []
     share = slice(*cluster.node_share(batch))
     with ParallelBatchProcessor(model, num_processes=1, batch_size=batch, optimizer="adam",
                                 cluster="mpi") as multi, \
@@ -111,23 +151,23 @@ def measure_step(cluster, plan):
         multi_state = single_state = state
         for block in range(plan["rounds"] + 1):  # block 0 warms up
             for side in rotated(("cluster", "single"), block):
-                for _ in range(plan["steps"] // plan["rounds"] or 1):
+                for _ in range(max(1, plan["steps"] // plan["rounds"])):
                     if side == "cluster":
                         multi_state, step = multi.process_batch(x, y, multi_state, params)
                         if block:
                             for key in keys:
                                 cluster_steps[key].append(float(step.get(key, np.nan)))
-                    else:
-                        cluster.barrier()
-                        if cluster.is_root:
-                            began = time.perf_counter()
-                            single_state, _ = single.process_batch(x[share], y[share],
-                                                                   single_state, params)
-                            if block:
-                                single_steps.append(time.perf_counter() - began)
-                        cluster.barrier()
-    record = dict(model="MLP(784, 1024, 256, 10)", num_weights=int(state.buffer.size),
-                  global_batch=batch, node_batch=share.stop - share.start,
+                        continue
+                    cluster.barrier()
+                    if cluster.is_root:
+                        began = time.perf_counter()
+                        single_state, _ = single.process_batch(x[share], y[share], single_state,
+                                                               params)
+                        if block:
+                            single_steps.append(time.perf_counter() - began)
+                    cluster.barrier()
+    record = dict(model="MLP(784, 1024, 256, 10)", global_batch=batch,
+                  node_batch=share.stop - share.start,
                   cluster_step={key: summarize(values) for key, values in cluster_steps.items()},
                   single_node_step=summarize(single_steps),
                   samples=dict(cluster=cluster_steps, single=single_steps))
@@ -135,6 +175,72 @@ def measure_step(cluster, plan):
         record["step_efficiency"] = (record["single_node_step"]["median_s"] /
                                      record["cluster_step"]["wall_s"]["median_s"])
     return record
+
+
+# -- the cost model ---------------------------------------------------------------------------------
+# Link figures that two ranks on one machine cannot measure, stated as assumptions: Open MPI over
+# TCP reaches about 80% of the line rate on large messages, and one small message takes about
+# 30 us across a switch. The rest comes from this run.
+LINKS_GBIT_S = (10, 25, 100)
+NODE_COUNTS = (2, 4, 8, 16, 32, 64)
+LINK_EFFICIENCY = 0.8
+LINK_LATENCY_S = 30e-6
+# The Keras reference model is not run here (TensorFlow startup); its one-node step is the figure
+# measured by benchmarks/vs_keras.py (docs/performance.md: engine 2p x 1 thread, batch 64).
+KERAS_REFERENCE = dict(num_weights=739_226, batch=64, step_s=0.176)
+
+
+def cross_node_seconds(nodes, gbit_s, num_values, roll_call_s, message_s, copy_s_per_byte):
+    """Modelled cross-node part of a step: roll call, the scaling pass, and Open MPI's allreduce
+    (the better of ring and recursive doubling) over a link of ``gbit_s``."""
+    size = num_values * 4
+    per_byte = 1.0 / (gbit_s * 1e9 / 8 * LINK_EFFICIENCY)
+    ring = 2 * (nodes - 1) / nodes * size * per_byte + 2 * (nodes - 1) * LINK_LATENCY_S
+    doubling = math.ceil(math.log2(nodes)) * (LINK_LATENCY_S + size * per_byte)
+    # The roll call's messages travel in parallel: one latency, plus posting one send and one
+    # receive per peer on top of what the 2-rank roll call measured here.
+    roll_call = roll_call_s + LINK_LATENCY_S + (nodes - 2) * message_s
+    return roll_call + size * copy_s_per_byte + min(ring, doubling)
+
+
+def measure_message_cost(cluster, count=2000):
+    """Seconds to post and complete one small send/receive pair (to this rank itself)."""
+    MPI, comm = cluster.MPI, cluster.comm
+    inbox, outbox = np.zeros(8), np.zeros(8)
+    began = time.perf_counter()
+    for _ in range(count):
+        receive = comm.Irecv(inbox, source=cluster.rank, tag=99)
+        send = comm.Isend(outbox, dest=cluster.rank, tag=99)
+        MPI.Request.Waitall([receive, send])
+    return (time.perf_counter() - began) / count
+
+
+def cost_model(records, node_steps, message_s):
+    """Step time and efficiency at 2-64 nodes over 10/25/100 Gb/s for the reference models, from
+    this run's one-node steps, roll call and copy floor (one node = this machine, per-node batch
+    fixed); ``accumulate_for_90`` is how many times more examples per sync (gradient
+    accumulation, or update_interval in states mode) bring the efficiency to 90%."""
+    roll_call_s = float(np.median([r["roll_call"]["median_s"] for r in records]))
+    copy_s_per_byte = float(np.median([r["copy_floor"]["median_s"] / r["bytes"] for r in records]))
+    models = {name: dict(num_weights=entry["num_weights"], batch=max(entry["batches"]),
+                         step_s=entry["batches"][max(entry["batches"])]["wall_s"])
+              for name, entry in node_steps.items()}
+    models["keras_imu_cnn_bilstm"] = KERAS_REFERENCE
+    rows = []
+    for name, model in models.items():
+        for gbit_s in LINKS_GBIT_S:
+            for nodes in NODE_COUNTS:
+                cross = cross_node_seconds(nodes, gbit_s, model["num_weights"], roll_call_s,
+                                           message_s, copy_s_per_byte)
+                step = model["step_s"] + cross
+                rows.append(dict(model=name, link_gbit_s=gbit_s, nodes=nodes,
+                                 node_step_ms=model["step_s"] * 1e3, cross_node_ms=cross * 1e3,
+                                 step_ms=step * 1e3, efficiency=model["step_s"] / step,
+                                 accumulate_for_90=max(1, math.ceil(9 * cross / model["step_s"]))))
+    return dict(inputs=dict(roll_call_s=roll_call_s, message_s=message_s,
+                            copy_s_per_byte=copy_s_per_byte,
+                            link_efficiency=LINK_EFFICIENCY, link_latency_s=LINK_LATENCY_S,
+                            models=models), rows=rows)
 
 
 def main():
@@ -154,8 +260,10 @@ def main():
                 f"{side} {format_seconds(record[side]['median_s'])}" for side in SIDES) +
                 f" | cross-node mean / copy floor "
                 f"{record['cross_node_mean']['median_s'] / record['copy_floor']['median_s']:.2f}")
+    message_s = measure_message_cost(cluster)
+    node_steps = measure_node_steps(cluster, plan)
     try:
-        step = measure_step(cluster, plan)
+        step = measure_cluster_step(cluster, plan)
     except TypeError as error:  # a processor without cluster= (before the cross-node hook)
         if "cluster" not in str(error):
             raise
@@ -175,7 +283,14 @@ def main():
                                               records if r["num_values"] == 16 << 20)
                         if any(r["num_values"] == 16 << 20 for r in records) else float("nan"),
                         step_efficiency=step["step_efficiency"])
-        path = write_results("cluster", args, records, step=step, plan=plan, cleanup=cleanup,
+        model = cost_model(records, node_steps, message_s)
+        for row in model["rows"]:
+            if row["nodes"] in (2, 8, 64):
+                log(f"model {row['model']} {row['link_gbit_s']} Gb/s x {row['nodes']} nodes: "
+                    f"step {row['step_ms']:.1f} ms (cross-node {row['cross_node_ms']:.2f} ms), "
+                    f"efficiency {row['efficiency']:.2f}, x{row['accumulate_for_90']} for 90%")
+        path = write_results("cluster", args, records, step=step, node_steps=node_steps,
+                             cost_model=model, plan=plan, cleanup=cleanup,
                              cpu_load=cpu, ranks=cluster.size, local_size=cluster.local_size,
                              mpi_library=cluster.MPI.Get_library_version().splitlines()[0],
                              headline=headline)
