@@ -25,7 +25,7 @@ from engine.training.datasets import (DataError, Dataset, Standardizer, Subset, 
                              check_features, check_labels, load_dataset, stratified_split)
 from engine.cli.reports import write_report
 from engine.parallel.system import available_memory_bytes, usable_cores
-from engine.training.run_folder import hold_run_folder, run_folder_of
+from engine.training.run_folder import check_run_folder, hold_run_folder, run_folder_of
 from engine.training.trainer import Trainer, evaluate
 
 __all__ = ["prepare_data", "run_train", "run_evaluate", "system_info"]
@@ -145,6 +145,14 @@ def run_train(config, *, out=None):
         if done >= config["epochs"]:
             raise ValueError(f"{config['resume']} has already trained {done} epochs: pass --epochs "
                              f"above {done} to continue, or use 'engine evaluate' to report on it.")
+    folder = dict(resuming=bool(config["resume"]), overwrite=config.get("overwrite", False))
+    check_run_folder(output_dir, **folder)  # a busy or occupied folder fails before data is read
+    trainer, data, model, model_args = _build(config, output_dir)
+    with hold_run_folder(output_dir, **folder):
+        return _train_in(output_dir, config, data, model, model_args, trainer, out)
+
+
+def _build(config, output_dir):
     data = prepare_data(config)
     model, model_args = build_model(config["model"], config["model_args"], data.feature_shape,
                                     data.num_classes)
@@ -160,9 +168,7 @@ def run_train(config, *, out=None):
         timeout_s=_timeout(config), overwrite=config.get("overwrite", False),
         metadata={"config": to_json(config), "model_name": config["model"],
                   "model_args": to_json(model_args)})
-    with hold_run_folder(output_dir, overwrite=config.get("overwrite", False),
-                         resuming=bool(config["resume"])):
-        return _train_in(output_dir, config, data, model, model_args, trainer, out)
+    return trainer, data, model, model_args
 
 
 def _train_in(output_dir, config, data, model, model_args, trainer, out):

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 
-__all__ = ["RunFolderError", "hold_run_folder", "run_folder_of", "holds_run"]
+__all__ = ["RunFolderError", "hold_run_folder", "check_run_folder", "run_folder_of", "holds_run"]
 
 LOCK_NAME = ".engine-run.lock"
 # What a run writes (trainer, CLI and report); --overwrite removes exactly these, nothing else.
@@ -41,6 +41,46 @@ def holds_run(folder):
     return any(os.path.lexists(os.path.join(folder, name)) for name in _MARKS)
 
 
+def check_run_folder(folder, *, overwrite=False, resuming=False):
+    """Raise RunFolderError now if :class:`hold_run_folder` would refuse ``folder``; changes nothing.
+
+    A fast early answer (before a large data set is read); the hold itself stays authoritative.
+    """
+    folder = os.path.realpath(os.fspath(folder))
+    if folder in _held or not os.path.isdir(folder):
+        return
+    try:
+        descriptor = os.open(os.path.join(folder, LOCK_NAME), os.O_RDONLY)
+    except OSError:
+        descriptor = None  # no lock file: nobody holds the folder
+    if descriptor is not None:
+        try:
+            _lock_or_refuse(descriptor, folder)
+        finally:
+            os.close(descriptor)
+    if not resuming and not overwrite and holds_run(folder):
+        _refuse_previous_run(folder)
+
+
+def _lock_or_refuse(descriptor, folder):
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "?"
+        raise RunFolderError(
+            f"{folder} is in use by another run (process {owner}); two runs in one folder would "
+            "mix their results. Wait for it to finish, or choose another --output-dir "
+            "(output_dir=).") from None
+
+
+def _refuse_previous_run(folder):
+    found = [name for name in _MARKS if os.path.lexists(os.path.join(folder, name))]
+    raise RunFolderError(
+        f"{folder} already holds a run ({', '.join(found)}). Pass --overwrite (overwrite=True) "
+        "to replace it, --resume its checkpoints/last.h5 to continue it, or choose another "
+        "--output-dir (output_dir=).")
+
+
 class hold_run_folder:
     """Context manager: hold ``folder`` exclusively for a run (created if missing).
 
@@ -65,14 +105,7 @@ class hold_run_folder:
         os.makedirs(self.folder, exist_ok=True)
         descriptor = os.open(os.path.join(self.folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "?"
-                raise RunFolderError(
-                    f"{self.folder} is in use by another run (process {owner}); two runs in one "
-                    "folder would mix their results. Wait for it to finish, or choose another "
-                    "--output-dir (output_dir=).") from None
+            _lock_or_refuse(descriptor, self.folder)
             self._check_previous_run()
             _remove_partial_files(self.folder)
             os.ftruncate(descriptor, 0)
@@ -87,11 +120,7 @@ class hold_run_folder:
         if self.resuming or not holds_run(self.folder):
             return
         if not self.overwrite:
-            found = [name for name in _MARKS if os.path.lexists(os.path.join(self.folder, name))]
-            raise RunFolderError(
-                f"{self.folder} already holds a run ({', '.join(found)}). Pass --overwrite "
-                "(overwrite=True) to replace it, --resume its checkpoints/last.h5 to continue "
-                "it, or choose another --output-dir (output_dir=).")
+            _refuse_previous_run(self.folder)
         for name in RUN_FILES:
             path = os.path.join(self.folder, name)
             if os.path.isdir(path) and not os.path.islink(path):

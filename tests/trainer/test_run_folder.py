@@ -55,6 +55,10 @@ def test_a_folder_held_by_another_process_is_refused_at_once(data_folder, tmp_pa
         error = capsys.readouterr().err
         assert f"is in use by another run (process {holder.pid})" in error
         assert error.count("\n") == 1 and os.listdir(out) == [LOCK_NAME]  # nothing written
+        # At once: before the data is even looked at.
+        assert main(["train", "--data", str(tmp_path / "no-such-data"), "--output-dir", str(out),
+                     "--no-progress"]) == 1
+        assert "is in use by another run" in capsys.readouterr().err
     finally:
         holder.communicate("done\n", timeout=30)
     assert _train(data_folder, out, "--epochs", "1") == 0  # the lock went with its holder
@@ -68,6 +72,9 @@ def test_a_folder_holding_a_run_is_refused_unless_overwrite(data_folder, tmp_pat
     assert _train(data_folder, out, "--epochs", "2") == 1
     error = capsys.readouterr().err
     assert "already holds a run" in error and "--overwrite" in error and error.count("\n") == 1
+    assert _files(out) == before
+    # --overwrite with data that fails its checks: refused before the old run is removed.
+    assert _train(tmp_path / "no-such-data", out, "--epochs", "2", "--overwrite") == 1
     assert _files(out) == before
     (out / "notes.txt").write_text("mine")  # not a file of a run: --overwrite keeps it
     assert _train(data_folder, out, "--epochs", "2", "--overwrite") == 0
