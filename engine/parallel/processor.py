@@ -22,6 +22,7 @@ from engine.parallel.barrier import Barriers
 from engine.parallel.pool import WorkerPool, default_start_method
 from engine.parallel.shm import check_shared_memory_space, sweep_orphaned_blocks
 from engine.parallel.system import usable_cores
+from engine.parallel.timeline import Timeline
 from engine.parallel.workspace import DataArrays, Workspace
 
 _warned_oversubscription = False
@@ -66,11 +67,14 @@ class ParallelBatchProcessor:
             mode the result is identical); one more raises WorkerCrashedError/WorkerTimeoutError.
         micro_batch_size: most examples a worker runs through the model at once; a larger shard
             is processed in chunks whose gradients are accumulated (same maths, less memory).
+        timeline: a path: write a Chrome trace (Perfetto, chrome://tracing) of every step's
+            compute, wait, reduce and update per worker and of the owner's work, at close()
+            (``engine.parallel.timeline``: every step of the first 2,000, then one in 50).
     """
 
     def __init__(self, model=None, *, num_processes=None, batch_size=50, sync="gradients",
                  update_interval=1, optimizer="adam", seed=0, start_method=None, timeout_s=None,
-                 micro_batch_size=None, max_restarts=3):
+                 micro_batch_size=None, max_restarts=3, timeline=None):
         check_processor_options(num_processes, batch_size, sync, update_interval, timeout_s,
                                 start_method, seed, micro_batch_size, max_restarts)
         self.model = model
@@ -96,6 +100,7 @@ class ParallelBatchProcessor:
         self._contract_checked = None   # the layout whose model passed the dry run
         self._data_key = None           # what the data block holds (see _load_data)
         self._rng = np.random.default_rng(self.seed)
+        self.timeline = None if timeline is None else Timeline(timeline)
 
     @property
     def timeout_s(self):
@@ -219,7 +224,10 @@ class ParallelBatchProcessor:
         return [] if self._executor is None else self._executor.pids
 
     def close(self):
-        """Stop the workers and release all shared memory. Safe to call more than once."""
+        """Stop the workers and release all shared memory (and write the timeline, if asked
+        for). Safe to call more than once."""
+        if getattr(self, "timeline", None) is not None and self.timeline.events:
+            self.timeline.write()
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.close()
@@ -407,6 +415,7 @@ class ParallelBatchProcessor:
     # -- a pass ----------------------------------------------------------------------------------
     def _run_pass(self, kind, rows, learning_rate, clip_norm, ordered, end, one_step=False):
         """Plan a pass in shared memory, let the workers run it, and collect its results."""
+        began = time.perf_counter()
         work, data, control = self._work, self._data, self._work.control
         base = int(control[ws.STEP])
         num_steps = 1 if one_step else -(-rows // self.batch_size)
@@ -424,7 +433,7 @@ class ParallelBatchProcessor:
         self._executor.reset_restart_budget()
         # A failed call leaves the optimizer as it was at its start (the state is the caller's).
         saved_optimizer = work.optimizer.copy() if kind == ws.TRAIN else None
-        began = time.perf_counter()
+        ran = time.perf_counter()
         try:
             self._executor.run(ops.RUN_PASS, base)
         except BaseException:
@@ -433,11 +442,14 @@ class ParallelBatchProcessor:
             self.close()
             raise
         ended = time.perf_counter()
+        if self.timeline is not None:
+            self.timeline.add_pass(data.records[:num_steps], kind, self.sync, base, began, ran,
+                                   ended)
         restarts, self._executor.restarts = self._executor.restarts, []
         if kind == ws.TRAIN:
             self._finish_training_pass(base, num_steps, end)
         results = _collect(data.records[:num_steps], data.step_learning_rates[:num_steps],
-                           kind, self.sync, began, ended)
+                           kind, self.sync, ran, ended)
         results["peak_rss_bytes"] = work.results[:, ws.PEAK_RSS].astype(np.int64)
         results["restarts"] = restarts
         results["micro_batch_changes"], self._micro_batch_changes = self._micro_batch_changes, []

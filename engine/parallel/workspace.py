@@ -34,9 +34,12 @@ NUM_RESULTS = 16
 NOT_STOPPED = -1.0   # STOP_STEP: the pass ran to its end
 DIRTY_UPDATE, DIRTY_REFRESH = 1.0, 2.0      # DIRTY: what a worker was writing into its slot
 # Per step and worker records (float64 array ``records[step, i]``) in the data block.
+# R_STARTED .. R_ENDED are perf_counter() stamps (CLOCK_MONOTONIC: one clock for every process):
+# started, computed (barrier COMPUTED passed), reduced (own slice averaged), updated (own slice
+# stepped), ended (barrier UPDATED passed).
 (R_LOSS, R_COUNT, R_COMPUTE_S, R_GRAD_SQUARES, R_SUM_SQUARES, R_NON_FINITE, R_STARTED,
- R_COMPUTED, R_ENDED) = range(9)
-NUM_RECORDS = 10
+ R_COMPUTED, R_REDUCED, R_UPDATED, R_ENDED) = range(11)
+NUM_RECORDS = 12
 # Barrier kinds (rows of ``arrivals``): see engine.parallel.barrier.
 COMPUTED, REDUCED, UPDATED, LOCAL_DONE, AVERAGE_IN, AVERAGE_OUT, EVALUATED = range(7)
 NUM_BARRIERS = 8
