@@ -148,8 +148,21 @@ def run_train(config, *, out=None):
     folder = dict(resuming=bool(config["resume"]), overwrite=config.get("overwrite", False))
     check_run_folder(output_dir, **folder)  # a busy or occupied folder fails before data is read
     trainer, data, model, model_args = _build(config, output_dir)
+    if config.get("export_keras"):
+        _check_keras_export(model, config["model"])
     with hold_run_folder(output_dir, **folder):
         return _train_in(output_dir, config, data, model, model_args, trainer, out)
+
+
+def _check_keras_export(model, name):
+    """--export-keras needs TensorFlow and a model that converts (native layers or Keras)."""
+    from engine.backends import tensorflow_available
+    if not tensorflow_available():
+        raise ValueError("--export-keras needs TensorFlow, which is not installed. Install it with "
+                         "pip install -e .[tf], or train without --export-keras.")
+    if not (callable(getattr(model, "to_keras", None)) or hasattr(model, "save_keras")):
+        raise ValueError(f"--export-keras: model {name!r} ({type(model).__name__}) has no Keras "
+                         "form (no to_keras). Use a model built from models.layers.")
 
 
 def _build(config, output_dir):
@@ -199,6 +212,9 @@ def _train_in(output_dir, config, data, model, model_args, trainer, out):
              if history.epoch else 0}
     results = write_report(output_dir, data.y_test, test["probabilities"], history=history,
                            class_names=data.class_names, extra=extra)
+    if config.get("export_keras") and not hasattr(model, "save_keras"):
+        # Last: importing TensorFlow in this process is safe only once no more workers will fork.
+        model.to_keras(history.state).save(os.path.join(output_dir, "model.keras"))
     best = max(history.history.get("val_accuracy", [float("nan")]))
     print(f"trained {len(history.epoch) and history.epoch[-1]} epochs in "
           f"{sum(history.history.get('epoch_s', [])):.1f} s; best validation accuracy {best:.4f}",

@@ -110,6 +110,8 @@ def _add_train_arguments(parser):
                        "--output-dir (by default a folder holding a run is refused)")
     group.add_argument("--tensorboard", action="store_true", help="write TensorBoard event "
                        "files to DIR/tensorboard (needs the tensorboardX package)")
+    group.add_argument("--export-keras", action="store_true", help="also write DIR/model.keras "
+                       "of a native model (models' to_keras; needs TensorFlow)")
     group.add_argument("--no-progress", dest="progress", action="store_false",
                        help="no progress bar")
     group.add_argument("--seed", type=int, help="seeds initialization, splits and shuffling"

@@ -216,7 +216,13 @@ def task_tape(specs, seed):
     return results
 
 
-TASKS = {"zoo": task_zoo, "tape": task_tape, "stacks": task_stacks, "sgd": task_sgd,
+def task_load_and_predict(path, x):
+    """``keras.models.load_model(path).predict(x)``, as native two-class probabilities."""
+    import keras
+    return _probabilities(keras.models.load_model(path).predict(x, verbose=0))
+
+
+TASKS = {"zoo": task_zoo, "tape": task_tape, "load_and_predict": task_load_and_predict, "stacks": task_stacks, "sgd": task_sgd,
          "not_supported": task_not_supported}
 
 if __name__ == "__main__":

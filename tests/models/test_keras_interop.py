@@ -4,6 +4,10 @@ export, and the native zoo's architecture (weight names and shapes) against its 
 Keras runs in a child process (keras_interop_oracle.py): this process stays free of TensorFlow.
 """
 import functools
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -94,3 +98,25 @@ def test_one_sgd_step_equals_keras_train_on_batch(sgd_results, case):
 def test_from_keras_names_the_first_unsupported_layer_and_its_class(oracle):
     message = oracle("not_supported")
     assert message is not None and "'simple_rnn' (SimpleRNN) is not supported" in message
+
+
+@pytest.mark.slow
+def test_train_export_keras_writes_a_model_keras_that_predicts_as_the_checkpoint(oracle, tmp_path):
+    from engine.training.checkpoint import load_checkpoint
+    rng = np.random.default_rng(0)
+    labels = np.arange(60) % 2
+    features = (rng.standard_normal((60, 6, 3)) + labels[:, None, None]).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=features, y=labels)
+    root = pathlib.Path(__file__).resolve().parents[2]
+    completed = subprocess.run(
+        [sys.executable, "-m", "engine", "train", "--data", str(tmp_path / "data.npz"), "--model",
+         "lstm_attention", "--model-arg", "units=8", "--epochs", "1", "--batch-size", "16",
+         "--workers", "1", "--output-dir", str(tmp_path / "run"), "--no-progress",
+         "--export-keras"], capture_output=True, text=True, cwd=root, timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    checkpoint = load_checkpoint(tmp_path / "run" / "model.h5")
+    model = models.get_model("lstm_attention", **checkpoint.metadata["model_args"])
+    exported = oracle("load_and_predict", str(tmp_path / "run" / "model.keras"), features)
+    np.testing.assert_allclose(exported, model.predict(checkpoint.state, features), rtol=0,
+                               atol=FORWARD_ATOL)
