@@ -222,7 +222,22 @@ def task_load_and_predict(path, x):
     return _probabilities(keras.models.load_model(path).predict(x, verbose=0))
 
 
-TASKS = {"zoo": task_zoo, "tape": task_tape, "load_and_predict": task_load_and_predict, "stacks": task_stacks, "sgd": task_sgd,
+def task_sequential(native_model, native_state, x):
+    """A keras.Sequential through from_keras, and a native Sequential through to_keras."""
+    import keras
+    from keras import layers
+    from models.keras_interop import from_keras
+    keras_model = keras.Sequential([keras.Input(x.shape[1:]), layers.Conv1D(4, 3, activation="relu"),
+                                    layers.BatchNormalization(), layers.MaxPooling1D(2),
+                                    layers.Flatten(), layers.Dense(5), layers.ReLU(),
+                                    layers.Dense(3, activation="softmax")])
+    _perturb_statistics(keras_model, 0)
+    model, state = from_keras(keras_model)
+    return dict(model=model, state=state, keras=keras_model.predict(x, verbose=0),
+                exported=native_model.to_keras(native_state).predict(x, verbose=0))
+
+
+TASKS = {"zoo": task_zoo, "tape": task_tape, "sequential": task_sequential, "load_and_predict": task_load_and_predict, "stacks": task_stacks, "sgd": task_sgd,
          "not_supported": task_not_supported}
 
 if __name__ == "__main__":

@@ -70,6 +70,21 @@ def test_native_forward_equals_keras_predict_on_random_stacks(oracle):
                                    err_msg=" -> ".join(result["summary"]))
 
 
+def test_keras_sequential_and_native_sequential_convert_both_ways(oracle):
+    from models import Sequential
+    from models.layers import BatchNorm, Conv1D, Dense, Flatten, MaxPool1D, ReLU
+    native = Sequential([Conv1D(4, 3, padding=1), BatchNorm(), ReLU(), MaxPool1D(2), Flatten(),
+                         Dense(3)], input_shape=(12, 3))
+    state = native.init_state(seed=0)
+    state.theta["batchnorm_1/running_mean"][...] = 0.3  # inference must use the statistics
+    x = np.random.default_rng(0).standard_normal((4, 12, 3)).astype(np.float32)
+    result = oracle("sequential", native, state, x)
+    np.testing.assert_allclose(result["model"].predict(result["state"], x), result["keras"],
+                               rtol=0, atol=FORWARD_ATOL)
+    np.testing.assert_allclose(result["exported"], native.predict(state, x), rtol=0,
+                               atol=FORWARD_ATOL)
+
+
 # One SGD step: Keras computes in float32 with its own op order, so the weights after the step
 # agree to float32 rounding of the gradient: |w_native - w_keras| <= 1e-6 + 1e-4 |w_keras|.
 SGD_RTOL, SGD_ATOL, LEARNING_RATE = 1e-4, 1e-6, 0.1
