@@ -26,8 +26,8 @@ class GRUClassifier(Sequential):
             input_shape = (input_shape,)
         if (not isinstance(input_shape, (tuple, list)) or len(input_shape) not in (1, 2)
                 or not all(is_positive_int(d) for d in input_shape)):
-            raise ValueError(f"input_shape must be (timesteps,) or (timesteps, features) of positive "
-                             f"ints. Received: input_shape={input_shape!r}.")
+            raise ValueError(f"input_shape must be (timesteps,) or (timesteps, features) of "
+                             f"positive ints. Received: input_shape={input_shape!r}.")
         if not isinstance(bidirectional, (bool, np.bool_)):
             raise ValueError(f"bidirectional must be True or False. Received: "
                              f"bidirectional={bidirectional!r}.")

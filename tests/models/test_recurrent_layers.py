@@ -66,7 +66,8 @@ def test_a_stack_of_recurrent_layers_trains_through_sequential_with_exact_gradie
     model = Sequential([Bidirectional(cls(3, return_sequences=True)), cls(2), Dense(3)],
                        input_shape=(4, 2))
     rng = np.random.default_rng(2)
-    weights = {name: rng.standard_normal(shape) * 0.7 for name, shape in model.weight_shapes.items()}
+    weights = {name: rng.standard_normal(shape) * 0.7
+               for name, shape in model.weight_shapes.items()}
     x, y = rng.standard_normal((3, 4, 2)), np.array([0, 2, 1])
     loss, grads, _ = model.forward_backward(weights, {}, x, y)
     for name, array in weights.items():
