@@ -13,7 +13,7 @@ collective is two phases:
 
 1. **Roll call** (non-blocking, Python-side deadline). Every rank sends every peer one small
    float64 message ``[sequence, kind, count, size, values...]`` and waits for the peers' messages with
-   ``Test`` and short growing sleeps (20 us to 1 ms, never a hot spin). The messages carry the
+   ``Test``: a few polls (~30 us), then short growing sleeps (20 us to 1 ms, never a hot spin). The messages carry the
    small sums (examples, loss) themselves, added in rank order so every rank gets the same bits.
    A peer whose message has not come by ``timeout_s`` is named: it died, hangs or is slower than
    the timeout. A message of another sequence or kind means the ranks run different steps.
@@ -55,7 +55,7 @@ MAX_VALUES = 16                   # small sums per roll call (eager-sized messag
 _KINDS = {1: "the cross-node mean", 2: "a cross-node sum", 3: "the broadcast from rank 0",
           4: "a barrier", 5: "a check that the ranks agree", 6: "the gather of every node's rows"}
 _MEAN, _SUM, _BCAST, _BARRIER, _AGREE, _GATHER = 1, 2, 3, 4, 5, 6
-_FIRST_SLEEP_S, _MAX_SLEEP_S = 20e-6, 1e-3
+_SPIN_POLLS, _FIRST_SLEEP_S, _MAX_SLEEP_S = 32, 20e-6, 1e-3  # ~30 us of polls, then sleeps
 
 
 class ClusterError(EngineError):
@@ -213,8 +213,8 @@ class Cluster:
         counts = np.diff(bounds) * row_size
         displacements = bounds[:-1] * row_size
         self._transfer(lambda: self.comm.Allgatherv(
-            local.reshape(-1), [out.reshape(-1), counts.tolist(), displacements.tolist(),
-                                self.MPI._typedict[local.dtype.char]]), _GATHER)
+            local.reshape(-1), [out.reshape(-1), (counts.tolist(), displacements.tolist())]),
+            _GATHER)
         return out
 
     def barrier(self):
@@ -236,7 +236,7 @@ class Cluster:
         receives = [self.comm.Irecv(self._inbox[peer], source=peer, tag=_ROLL_TAG)
                     for peer in self._peers]
         sends = [self.comm.Isend(message, dest=peer, tag=_ROLL_TAG) for peer in self._peers]
-        deadline, delay = time.monotonic() + self.timeout_s, _FIRST_SLEEP_S
+        deadline, delay, polls = time.monotonic() + self.timeout_s, _FIRST_SLEEP_S, 0
         try:
             while not MPI.Request.Testall(receives + sends):
                 if time.monotonic() > deadline:
@@ -244,8 +244,10 @@ class Cluster:
                                if not request.Test()]
                     raise self._fail(ClusterError(missing, self._missing_message(
                         missing, kind, sequence)))
-                time.sleep(delay)
-                delay = min(_MAX_SLEEP_S, delay * 2)
+                polls += 1
+                if polls > _SPIN_POLLS:  # peers usually arrive within microseconds of each other
+                    time.sleep(delay)
+                    delay = min(_MAX_SLEEP_S, delay * 2)
         except self.MPI.Exception as error:
             raise self._fail(self._mpi_failure(error, kind)) from None
         self._check_in_step(kind, sequence)
