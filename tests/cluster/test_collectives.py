@@ -11,8 +11,12 @@ def test_cluster_option_is_checked():
     assert make_cluster(None) is None
 
 
-def test_mean_weights_nodes_by_examples_and_is_identical_on_every_rank(run_mpi):
-    run = run_mpi("collectives.py", 100_003)
+# Shared memory is Open MPI's default between ranks of one host; "tcp,self" forces the transport
+# that real nodes use, over loopback.
+@pytest.mark.parametrize("transport", ["default", "tcp"])
+def test_mean_weights_nodes_by_examples_and_is_identical_on_every_rank(run_mpi, transport):
+    extra = () if transport == "default" else ("--mca", "btl", "tcp,self")
+    run = run_mpi("collectives.py", 100_003, mpirun_args=extra)
     assert run.returncode == 0, run.describe()
     assert sorted(run.results) == [0, 1], run.describe()
     first, second = run.results[0], run.results[1]
