@@ -15,7 +15,7 @@ def test_cluster_option_is_checked():
 # that real nodes use, over loopback.
 @pytest.mark.parametrize("transport", ["default", "tcp"])
 def test_mean_weights_nodes_by_examples_and_is_identical_on_every_rank(run_mpi, transport):
-    extra = () if transport == "default" else ("--mca", "btl", "tcp,self")
+    extra = () if transport == "default" else ("--mca", "pml", "ob1", "--mca", "btl", "tcp,self")
     run = run_mpi("collectives.py", 100_003, mpirun_args=extra)
     assert run.returncode == 0, run.describe()
     assert sorted(run.results) == [0, 1], run.describe()
