@@ -11,7 +11,13 @@ import json
 
 import numpy as np
 
-__all__ = ["checked_child", "checked_dataset", "check_total_storage", "json_attribute"]
+__all__ = ["checked_child", "checked_dataset", "check_total_storage", "json_attribute",
+           "write_checksummed", "DAMAGED_FILE_ERRORS"]
+
+# How h5py reports damaged metadata while a file is read: OSError, KeyError ("Unable to open
+# object (corrupt object header)"), RuntimeError ("Link iteration failed") or TypeError ("Unknown
+# string encoding"). Readers turn these into one ValueError naming the file.
+DAMAGED_FILE_ERRORS = (OSError, KeyError, RuntimeError, TypeError)
 
 # HDF5 filter ids: deflate, shuffle, fletcher32, szip, nbit, scaleoffset, lzf.
 _COMPRESSING = {1, 4, 5, 6, 32000}
@@ -106,3 +112,12 @@ def check_total_storage(datasets, where, file_size):
     if total > file_size:
         _fail(where, f"its datasets claim {total} bytes of storage together, more than the "
                      f"file's {file_size}; the file is crafted or damaged.")
+
+
+def write_checksummed(group, name, array):
+    """Write ``array`` as dataset ``name`` with a Fletcher-32 checksum, so that flipped bytes in
+    the data are an error when read instead of silently different weights. (A checksum needs
+    chunked storage, which a scalar or an empty array cannot have; those are written plainly.)"""
+    if array.ndim and array.size:
+        return group.create_dataset(name, data=array, fletcher32=True)
+    return group.create_dataset(name, data=array)

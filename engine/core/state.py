@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.core.hdf5_checks import (check_total_storage, checked_child, checked_dataset,
-                                     json_attribute)
+from engine.core.hdf5_checks import (DAMAGED_FILE_ERRORS, check_total_storage, checked_child,
+                                     checked_dataset, json_attribute, write_checksummed)
 
 FORMAT_NAME = "engine.NetworkState"
 FORMAT_VERSION = 1
@@ -185,7 +185,7 @@ class NetworkState:
                     group = f.create_group(kind)
                     group.attrs["names"] = json.dumps(list(arrays))
                     for index, (name, array) in enumerate(arrays.items()):
-                        group.create_dataset(str(index), data=array)
+                        write_checksummed(group, str(index), array)
             with open(temporary, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(temporary, path)
@@ -230,8 +230,8 @@ class NetworkState:
                                      "model that wrote it.")
                 arrays = {kind: {name: d[()] for name, d in named.items()}
                           for kind, named in datasets.items()}
-        except OSError as error:  # a read cut short by a truncated or damaged file
-            raise ValueError(f"cannot read {where}: {error}") from None
+        except DAMAGED_FILE_ERRORS as error:  # a truncated or damaged file
+            raise ValueError(f"cannot read {where}: it is damaged ({error})") from None
         state = cls(arrays["weights"], arrays["theta"])
         return (state, metadata) if return_metadata else state
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.core.hdf5_checks import (check_total_storage, checked_child, checked_dataset,
-                                     json_attribute)
+from engine.core.hdf5_checks import (DAMAGED_FILE_ERRORS, check_total_storage, checked_child,
+                                     checked_dataset, json_attribute, write_checksummed)
 from engine.core.state import NetworkState, check_format
 
 FORMAT_NAME = "engine.Checkpoint"
@@ -128,8 +128,8 @@ def load_checkpoint(path, layout=None):
                 checkpoint.training_state = {**values, **_read_arrays(processor, where, size)}
             checkpoint.arrays = _read_arrays(checked_child(group, "arrays", where, "group"),
                                              where, size)
-    except OSError as error:  # a read cut short by a truncated or damaged file
-        raise ValueError(f"cannot read {where}: {error}") from None
+    except DAMAGED_FILE_ERRORS as error:  # a truncated or damaged file
+        raise ValueError(f"cannot read {where}: it is damaged ({error})") from None
     return checkpoint
 
 
@@ -160,7 +160,7 @@ def _write_arrays(parent, name, arrays):
     group = parent.create_group(name)
     group.attrs["names"] = json.dumps(list(arrays))
     for index, array in enumerate(arrays.values()):
-        group.create_dataset(str(index), data=np.asarray(array))
+        write_checksummed(group, str(index), np.asarray(array))
     return group
 
 

@@ -179,11 +179,27 @@ def _load_npz(path):
 
 def _load_hdf5(path, x_key, y_key):
     import h5py
-    from engine.core.hdf5_checks import check_total_storage, checked_child, checked_dataset
+    from engine.core.hdf5_checks import DAMAGED_FILE_ERRORS
     try:
         f = h5py.File(path, "r")
     except OSError as error:
         raise DataError(f"{path!r}: cannot read it as an HDF5 file ({error}).") from None
+    try:
+        return _hdf5_dataset(f, path, x_key, y_key)
+    except DataError:
+        f.close()
+        raise
+    except ValueError as error:  # a check of engine.core.hdf5_checks
+        f.close()
+        raise DataError(str(error)) from None
+    except DAMAGED_FILE_ERRORS as error:
+        f.close()
+        raise DataError(f"{path!r}: cannot read it: the file is damaged ({error}).") from None
+
+
+def _hdf5_dataset(f, path, x_key, y_key):
+    import h5py
+    from engine.core.hdf5_checks import check_total_storage, checked_child, checked_dataset
     if x_key is None:
         x_key, y_key = ("features", y_key or "labels") if "features" in f and "x" not in f else \
             ("x", y_key or "y")
@@ -196,15 +212,12 @@ def _load_hdf5(path, x_key, y_key):
     test = "x_test" in f and "y_test" in f
     # Before reading anything: links out of the file, external or virtual storage, and declared
     # shapes the file cannot hold are refused (a crafted file of a few KB can declare terabytes).
-    used, size = {}, os.path.getsize(path)
-    try:
-        for key, kinds in ((x_key, "fiub"), (y_key, "fiu")) + (
-                (("x_test", "fiub"), ("y_test", "fiu")) if test else ()):
-            used[key] = checked_dataset(checked_child(f, key, repr(path)), repr(path), size, kinds)
-        check_total_storage([f[key] for key in used], repr(path), size)
-    except ValueError as error:
-        f.close()
-        raise DataError(str(error)) from None
+    used, size = [], os.path.getsize(path)
+    for key, kinds in ((x_key, "fiub"), (y_key, "fiu")) + (
+            (("x_test", "fiub"), ("y_test", "fiu")) if test else ()):
+        used.append(checked_child(f, key, repr(path)))
+        checked_dataset(used[-1], repr(path), size, kinds)
+    check_total_storage(used, repr(path), size)
     # The file stays open while the Dataset object is referenced: features are read lazily.
     return Dataset(f[x_key], as_labels(f[y_key][()], f"{path}[{y_key}]"), f"{path}[{x_key}]",
                    f["x_test"] if test else None,

@@ -114,3 +114,59 @@ def test_the_model_layout_is_checked_before_reading(saved):
     _refused(saved, r"does not match the expected layout: weights key .* expected shape",
              layout=other)
     assert NetworkState.load(saved, layout=MODEL.init_state(0).layout).num_params == 43
+
+
+def test_a_flipped_byte_in_the_stored_weights_is_detected_not_loaded(saved):
+    with h5py.File(saved, "r") as f:
+        chunks = [f["weights"][name].id.get_chunk_info(0) for name in f["weights"]
+                  if f["weights"][name].chunks]
+    assert chunks  # every non-scalar array is written with a Fletcher-32 checksum
+    for chunk in chunks:
+        data = bytearray(saved.read_bytes())
+        data[chunk.byte_offset + 1] ^= 0x40  # one bit of one weight
+        damaged = saved.with_name("damaged.h5")
+        damaged.write_bytes(data)
+        _refused(damaged, "it is damaged")
+
+
+def _load_in_a_child(path, reference):
+    """Load ``path`` in a forked child: "same", "different", "ValueError", another exception's
+    name, or "signal N" when the HDF5 C library itself crashes (no Python code can catch that)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        os.close(read)
+        try:
+            state = NetworkState.load(path)
+            outcome = "same" if state.layout == reference.layout and np.array_equal(
+                state.buffer, reference.buffer) else "different"
+        except ValueError as error:
+            outcome = "ValueError" if str(path) in str(error) and "\n" not in str(error) else \
+                f"ValueError without the file's name: {error}"
+        except BaseException as error:  # noqa: B902 - anything else is the finding
+            outcome = f"{type(error).__name__}: {error}"
+        os.write(write, outcome.encode()[:4000])
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        outcome = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    return outcome or f"signal {os.WTERMSIG(status)}"
+
+
+@pytest.mark.slow
+def test_random_corruption_loads_the_same_state_or_raises_one_value_error(saved):
+    reference, good = NetworkState.load(saved), saved.read_bytes()
+    rng, outcomes = np.random.default_rng(0), {}
+    for trial in range(150):
+        data = bytearray(good)
+        for _ in range(rng.integers(1, 8)):
+            data[rng.integers(0, len(data))] = rng.integers(0, 256)
+        damaged = saved.with_name(f"damaged-{trial}.h5")
+        damaged.write_bytes(data)
+        outcome = _load_in_a_child(damaged, reference)
+        outcomes.setdefault(outcome, []).append(trial)
+    unexpected = {k: v for k, v in outcomes.items()
+                  if k not in ("same", "different", "ValueError") and not k.startswith("signal")}
+    assert not unexpected, unexpected  # KeyError, RuntimeError, TypeError... would be tracebacks
+    assert "ValueError" in outcomes  # the corruptions did reach the checks
