@@ -260,19 +260,26 @@ def to_keras(model, state):
         names = [f"{layer.kind}_{i}" for i, layer in enumerate(model.layers)]
         nodes = list(zip(names, model.layers, [[INPUT]] + [[n] for n in names[:-1]]))
     output = getattr(model, "output", nodes[-1][0])
+    layer_of, sources_of = {n: l for n, l, _ in nodes}, {n: s for n, _, s in nodes}
+    binary = isinstance(layer_of[output], BinaryLogits)
+    # The node whose Keras layer takes the output activation: the Dense before BinaryLogits (as a
+    # sigmoid), the output Dense (softmax), or none (a Softmax layer is added after it).
+    activated = sources_of[output][0] if binary else output
+    plain_dense = isinstance(layer_of[activated], Dense) and layer_of[activated].activation is None
+    if binary and not plain_dense:
+        raise ValueError(f"BinaryLogits must follow a Dense(1) for a Keras sigmoid output. "
+                         f"Received: {layer_of[activated]!r} before it.")
     inputs = keras.Input(model.input_shape, name=INPUT)
     tensors, assignments = {INPUT: inputs}, []
-    binary = isinstance(dict((n, l) for n, l, _ in nodes)[output], BinaryLogits)
     for name, layer, sources in nodes:
-        xs = [tensors[s] for s in sources]
-        values = lambda *locals_: [state.weights[f"{name}/{k}"] if f"{name}/{k}" in state.weights
-                                   else state.theta[f"{name}/{k}"] for k in locals_]
-        is_output = name == output or (binary and [name] == dict(
-            (n, s) for n, _, s in nodes)[output])
-        tensors[name], pairs = _keras_layer(kl, name, layer, xs, values, is_output, binary)
+        def values(*names, prefix=f"{name}/"):
+            return [state.weights[prefix + k] if prefix + k in state.weights
+                    else state.theta[prefix + k] for k in names]
+        tensors[name], pairs = _keras_layer(kl, name, layer, [tensors[s] for s in sources], values,
+                                            name == activated and plain_dense, binary)
         assignments += pairs
     outputs = tensors[output]
-    if not (isinstance(dict((n, l) for n, l, _ in nodes)[output], (Dense, BinaryLogits))):
+    if not plain_dense:
         outputs = kl.Softmax(name=f"{output}_softmax")(outputs)
     keras_model = keras.Model(inputs, outputs, name=getattr(model, "name", "native_model"))
     for keras_layer, arrays in assignments:
