@@ -8,7 +8,9 @@ Exit status: 0 on success, 1 when the run fails (bad data, missing file, trainin
 bad command line, 130 when interrupted. Failures print one line, never a traceback.
 """
 import argparse
+import contextlib
 import json
+import os
 import sys
 import warnings
 
@@ -188,24 +190,34 @@ def _train_config(args):
 _NOT_CONFIG = ("command", "overwrite", "shm_dir")  # options of this invocation, not of the run
 
 
-def _use_shm_dir(args):
-    """--shm-dir: the environment variable, so that workers of every start method see it."""
-    if getattr(args, "shm_dir", None):
-        import os
-        os.environ["ENGINE_SHM_DIR"] = os.path.abspath(args.shm_dir)
+@contextlib.contextmanager
+def _shm_dir(args):
+    """--shm-dir: ENGINE_SHM_DIR for this command (workers of every start method see it), then
+    restored, so a command run from Python leaves the environment as it was."""
+    directory = getattr(args, "shm_dir", None)
+    previous = os.environ.get("ENGINE_SHM_DIR")
+    if directory:
+        os.environ["ENGINE_SHM_DIR"] = os.path.abspath(directory)
+    try:
+        yield
+    finally:
+        if directory and previous is None:
+            os.environ.pop("ENGINE_SHM_DIR", None)
+        elif directory:
+            os.environ["ENGINE_SHM_DIR"] = previous
 
 
 def _train(args):
     from engine.cli.jobs import run_train
-    _use_shm_dir(args)
-    run_train(_train_config(args))
+    with _shm_dir(args):
+        run_train(_train_config(args))
 
 
 def _evaluate(args):
     from engine.cli.jobs import run_evaluate
-    _use_shm_dir(args)
-    run_evaluate(args.checkpoint, data=args.data, split=args.split, output_dir=args.output_dir,
-                 workers=args.workers)
+    with _shm_dir(args):
+        run_evaluate(args.checkpoint, data=args.data, split=args.split,
+                     output_dir=args.output_dir, workers=args.workers)
 
 
 def _predict(args):

@@ -1,4 +1,6 @@
 """Trainer options are checked when given, naming what was received (issue 10, items 5 and 9)."""
+import os
+
 import pytest
 
 from engine.cli.jobs import _timeout
@@ -26,3 +28,24 @@ def test_the_cli_timeout_maps_to_the_trainer():
     assert _timeout({"timeout": 0}) is None and _timeout({"timeout": 7}) == 7.0
     with pytest.raises(ValueError, match="--timeout -1"):
         _timeout({"timeout": -1})
+
+
+def test_shm_dir_puts_the_blocks_there_for_this_command_only(data_folder, tmp_path, monkeypatch):
+    from engine.cli.main import main
+    from engine.parallel.shm import SharedBlock
+    monkeypatch.delenv("ENGINE_SHM_DIR", raising=False)
+    created, real_create = [], SharedBlock.create.__func__
+
+    def recording_create(cls, purpose, size):
+        block = real_create(cls, purpose, size)
+        created.append(block.name)
+        return block
+
+    monkeypatch.setattr(SharedBlock, "create", classmethod(recording_create))
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    assert main(["train", "--data", str(data_folder), "--model", "mlp", "--epochs", "1",
+                 "--workers", "2", "--batch-size", "32", "--no-progress", "--shm-dir", str(shm),
+                 "--output-dir", str(tmp_path / "run")]) == 0
+    assert created and all(name.startswith(str(shm) + "/engine_") for name in created)
+    assert os.listdir(shm) == [] and "ENGINE_SHM_DIR" not in os.environ
