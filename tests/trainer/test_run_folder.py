@@ -91,21 +91,18 @@ def test_fit_refuses_an_output_dir_holding_a_run_unless_overwrite(blobs, tmp_pat
         **quiet_fit)
 
 
-def test_the_lock_is_held_once_per_process_and_released():
-    folder = os.path.realpath(os.path.join(os.getcwd(), "build-test-lock"))
-    try:
-        with hold_run_folder(folder):
-            with hold_run_folder(folder):  # the CLI around the trainer: the same run
-                pass
-            code = ("import sys; sys.path.insert(0, %r); from engine.training.run_folder import "
-                    "hold_run_folder, RunFolderError\ntry:\n    hold_run_folder(%r).__enter__()\n"
-                    "except RunFolderError as e: print('refused')" % (ROOT, folder))
-            child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-            assert child.stdout.strip() == "refused", child.stderr
+def test_the_lock_is_held_once_per_process_and_released(tmp_path):
+    folder = str(tmp_path / "run")
+    code = ("import sys; sys.path.insert(0, %r); from engine.training.run_folder import "
+            "hold_run_folder, RunFolderError\ntry:\n    hold_run_folder(%r).__enter__()\n"
+            "except RunFolderError as e: print('refused')" % (ROOT, folder))
+    with hold_run_folder(folder):
+        with hold_run_folder(folder):  # the CLI around the trainer: the same run
+            pass
         child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        assert child.stdout.strip() == "", child.stderr
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        assert child.stdout.strip() == "refused", child.stderr  # still held after the inner exit
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert child.stdout.strip() == "", child.stderr
 
 
 def test_resume_from_a_copied_folder_writes_only_into_the_copy(data_folder, tmp_path,
