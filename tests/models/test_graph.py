@@ -105,3 +105,9 @@ def test_graph_follows_the_protocol_in_float32_and_pickles():
 def test_malformed_graphs_are_refused_with_the_reason(nodes, message):
     with pytest.raises(ValueError, match=message):
         Graph(nodes, input_shape=(4,))
+
+
+def test_to_keras_refuses_a_state_of_another_model_before_loading_tensorflow():
+    model, other = branchy_graph(), Graph([("classes", Dense(3), "input")], input_shape=(4,))
+    with pytest.raises(ValueError, match="state does not belong to this model"):
+        model.to_keras(other.init_state(seed=0))
