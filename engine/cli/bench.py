@@ -111,17 +111,24 @@ def run_bench(kind, *, model="cnn1d", model_args=None, input_shape=None, classes
 
 def _build_model(name, model_args, input_shape, classes):
     from engine.cli.config import build_model, parse_model_args
-    from models import model_signature
     arguments = parse_model_args(model_args) if isinstance(model_args, (list, tuple, type(None))) \
         else dict(model_args)
     if input_shape is not None:
         shape = _sizes(input_shape) if isinstance(input_shape, str) else tuple(input_shape)
     else:
-        default = model_signature(name).parameters.get("input_shape")
-        shape = default.default if default is not None and isinstance(default.default, tuple) \
-            else (40,)
+        shape = _default_input_shape(name, arguments)
     model, resolved = build_model(name, arguments, tuple(int(d) for d in shape), classes)
     return model, resolved, tuple(int(d) for d in model.input_shape)
+
+
+def _default_input_shape(name, arguments):
+    """The input shape the model has with these arguments and its defaults, else (40,)."""
+    from models import get_model
+    try:
+        shape = getattr(get_model(name, **arguments), "input_shape", None)
+    except (TypeError, ValueError):  # e.g. mlp needs its sizes from the data
+        shape = None
+    return tuple(shape) if shape else (40,)
 
 
 def _sizes(text):

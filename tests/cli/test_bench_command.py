@@ -98,3 +98,11 @@ def test_bench_never_imports_tensorflow(tmp_path):
                            text=True, timeout=300, cwd=ROOT)
     assert child.returncode == 0, child.stderr[-2000:]
     assert child.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_bench_data_takes_the_models_own_input_shape_unless_given():
+    from engine.cli.bench import _build_model
+    assert _build_model("imu_cnn_bilstm", [], None, 26)[2] == (128, 13)
+    assert _build_model("imu_cnn_bilstm", ["timesteps=50", "channels=6"], None, 4)[2] == (50, 6)
+    assert _build_model("mlp", ["hidden=8"], None, 3)[2] == (40,)  # mlp takes its size from data
+    assert _build_model("mlp", ["hidden=8"], "12", 3)[1]["sizes"] == (12, 8, 3)
