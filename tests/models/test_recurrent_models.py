@@ -84,9 +84,11 @@ def test_native_imu_cnn_bilstm_learns_real_imu_recordings():
     state = model.init_state(seed=0)
     with ParallelBatchProcessor(model, num_processes=1, batch_size=8, optimizer="adam",
                                 seed=0) as processor:
-        for _ in range(15):
+        # 16 epochs at 1e-3, then 8 at 1e-4 settle it: seeds 0 and 1 end at 40/40 (at 1e-3 alone
+        # the test accuracy still swings between 0.78 and 1.0 from one epoch to the next).
+        for epoch in range(24):
             state, _ = processor.run_parallel(x_train, y_train, state,
-                                              {"learning_rate": 1e-3})
+                                              {"learning_rate": 1e-3 if epoch < 16 else 1e-4})
     accuracy = float(np.mean(model.predict(state, x_test).argmax(axis=1) == y_test))
     # Published 1-NN DTW and deep baselines reach 97-100% on this split; chance is 25%.
     assert accuracy >= 0.9, f"test accuracy {accuracy:.3f} on 40 series"
