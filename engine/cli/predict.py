@@ -119,7 +119,8 @@ def _hdf5(path, x_key):
         raise DataError(f"{path!r} has no dataset {key!r}. Its datasets: {datasets}; name the "
                         "features with --x-key.")
     label_key = {"x": "y", "features": "labels"}.get(key)
-    y = as_labels(f[label_key][()], f"{path}[{label_key}]") if label_key in f else None
+    y = as_labels(f[label_key][()], f"{path}[{label_key}]") if label_key and label_key in f \
+        else None
     return f[key], y, f"{path}[{key}]", None
 
 

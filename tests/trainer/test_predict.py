@@ -162,3 +162,20 @@ def test_predict_command_checks_the_data_like_train(trained_run, tmp_path, capsy
                  str(output), "--workers", "1"]) == 1
     assert re.search(message, capsys.readouterr().err)
     assert not output.exists()
+
+
+def test_predict_command_reads_hdf5_features_by_key(trained_run, tmp_path):
+    import h5py
+    path, _, x, labels = trained_run
+    data = tmp_path / "data.h5"
+    with h5py.File(data, "w") as f:
+        f["signals"] = x[:50]
+        f["y"] = labels[:50]
+    output = tmp_path / "p.npz"
+    assert main(["predict", "--checkpoint", str(path), "--data", str(data), "--x-key",
+                 "signals", "--output", str(output), "--workers", "1"]) == 0
+    with np.load(output) as saved:
+        np.testing.assert_allclose(saved["probabilities"], _reference(path, x[:50]), rtol=1e-6,
+                                   atol=1e-7)
+    assert main(["predict", "--checkpoint", str(path), "--data", str(data), "--output",
+                 str(output), "--workers", "1"]) == 1  # no dataset "x" and no --x-key
