@@ -112,25 +112,42 @@ def max_pool_into(y, argmax, x, pool_size, stride):
     for b in range(n):
         for i in range(out_length):
             start = i * stride
-            for c in range(channels):
-                best, where = x[b, start, c], start
-                for k in range(1, pool_size):
-                    value = x[b, start + k, c]
-                    if value > best:
-                        best, where = value, start + k
-                y[b, i, c] = best
-                argmax[b, i, c] = where
+            best, where = y[b, i], argmax[b, i]
+            first = x[b, start]
+            for c in range(channels):  # the channel loops run over contiguous memory
+                best[c] = first[c]
+                where[c] = start
+            for k in range(1, pool_size):
+                row = x[b, start + k]
+                for c in range(channels):
+                    if row[c] > best[c]:
+                        best[c] = row[c]
+                        where[c] = start + k
+    return
 
 
 @njit(**_FAST)
-def max_pool_grad_into(dx, dy, argmax):
+def max_pool_grad_into(dx, dy, argmax, pool_size, stride):
     """dx = 0, then dy[b, i, c] added at the input position its maximum came from."""
     n, out_length, channels = dy.shape
-    dx[:] = 0.0
+    length = dx.shape[1]
+    if stride < pool_size:  # overlapping windows: a position may collect from several
+        dx[:] = 0.0
+        for b in range(n):
+            for i in range(out_length):
+                for c in range(channels):
+                    dx[b, argmax[b, i, c], c] += dy[b, i, c]
+        return
+    # Disjoint windows: every position is written once, in order, with no zeroing pass first.
     for b in range(n):
+        dx[b, out_length * stride:] = 0.0
         for i in range(out_length):
-            for c in range(channels):
-                dx[b, argmax[b, i, c], c] += dy[b, i, c]
+            start = i * stride
+            source, where = dy[b, i], argmax[b, i]
+            for k in range(min(stride, length - start)):
+                target = dx[b, start + k]
+                for c in range(channels):
+                    target[c] = source[c] if where[c] == start + k else 0.0
 
 
 def max_pool_ref(x, pool_size, stride):

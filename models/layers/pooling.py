@@ -46,7 +46,7 @@ class MaxPool1D(Layer):
             return None, {}
         argmax, input_shape = cache
         dx = np.empty(input_shape, dy.dtype)
-        max_pool_grad_into(dx, np.ascontiguousarray(dy), argmax)
+        max_pool_grad_into(dx, np.ascontiguousarray(dy), argmax, self.pool_size, self.stride)
         return dx, {}
 
 

@@ -28,7 +28,7 @@ def test_dense_with_fused_relu_gradients_match_finite_differences(layer_gradient
 
 
 @pytest.mark.parametrize("pool_size, stride, length", [(2, None, 8), (2, None, 9), (3, 1, 7),
-                                                      (3, 2, 10)])
+                                                      (3, 2, 10), (2, 3, 5), (2, 3, 9)])
 def test_max_pool_gradients_match_finite_differences(layer_gradient_check, pool_size, stride,
                                                      length):
     layer_gradient_check(MaxPool1D(pool_size, stride=stride), random_input((3, length, 4)))
