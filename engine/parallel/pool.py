@@ -106,12 +106,13 @@ class WorkerPool:
     """
 
     def __init__(self, spec, num_workers, start_method, timeout_s=None, max_restarts=3, *,
-                 progress=None, abort=None, tick=None, tick_interval_s=0.5):
+                 progress=None, abort=None, tick=None, tick_interval_s=0.5, core_sets=None):
         self.spec, self.timeout_s, self.max_restarts = dict(spec), timeout_s, max_restarts
         # progress(worker_id) -> (heartbeat, waiting, current step); abort() wakes every worker
         # waiting at a barrier so that close() does not wait for them.
         self._progress, self._abort = progress, abort
         self._tick, self._tick_ms = tick, 1000 * tick_interval_s  # tick(): owner's periodic work
+        self._core_sets = core_sets  # one set of cores per worker, or None: not bound
         self.context = multiprocess.get_context(start_method)
         self.start_method = start_method
         self.faults = parse_faults(os.environ.get("ENGINE_TEST_FAULTS", ""))  # before mkdtemp
@@ -137,6 +138,7 @@ class WorkerPool:
     # -- starting and replacing workers ----------------------------------------------------------
     def _launch(self, worker_id, first):
         spec = dict(self.spec, data=self._data_spec, replacement=not first,
+                    cores=None if self._core_sets is None else self._core_sets[worker_id],
                     faults=[f for f in self.faults if f.worker == worker_id] if first else [],
                     log_path=os.path.join(self.log_directory, f"worker-{worker_id}.log"))
         command_read, command_write = self.context.Pipe(duplex=False)

@@ -21,7 +21,7 @@ from engine.parallel import workspace as ws
 from engine.parallel.barrier import Barriers
 from engine.parallel.pool import WorkerPool, default_start_method
 from engine.parallel.shm import check_shared_memory_space, sweep_orphaned_blocks
-from engine.parallel.system import usable_cores
+from engine.parallel.system import usable_cores, worker_core_sets
 from engine.parallel.timeline import Timeline
 from engine.parallel.workspace import DataArrays, Workspace
 
@@ -67,6 +67,8 @@ class ParallelBatchProcessor:
             mode the result is identical); one more raises WorkerCrashedError/WorkerTimeoutError.
         micro_batch_size: most examples a worker runs through the model at once; a larger shard
             is processed in chunks whose gradients are accumulated (same maths, less memory).
+        bind_cores: bind each worker to its own cores (its share of this process's affinity)
+            when they fit, as Horovod and DeepSpeed do; False leaves placement to the kernel.
         timeline: a path: write a Chrome trace (Perfetto, chrome://tracing) of every step's
             compute, wait, reduce and update per worker and of the owner's work, at close()
             (``engine.parallel.timeline``: every step of the first 2,000, then one in 50).
@@ -74,7 +76,7 @@ class ParallelBatchProcessor:
 
     def __init__(self, model=None, *, num_processes=None, batch_size=50, sync="gradients",
                  update_interval=1, optimizer="adam", seed=0, start_method=None, timeout_s=None,
-                 micro_batch_size=None, max_restarts=3, timeline=None):
+                 micro_batch_size=None, max_restarts=3, timeline=None, bind_cores=True):
         check_processor_options(num_processes, batch_size, sync, update_interval, timeout_s,
                                 start_method, seed, micro_batch_size, max_restarts)
         self.model = model
@@ -92,6 +94,7 @@ class ParallelBatchProcessor:
         if self.num_processes > cores:
             _warn_oversubscription(self.num_processes, cores)
         self.micro_batch_size, self.max_restarts = micro_batch_size, max_restarts
+        self.bind_cores = bool(bind_cores)
         self._layout = self._work = self._data = self._executor = None
         self._pending_training_state = self._kept_optimizer = None
         self._governor, self._micro_batch_changes = memory.MicroBatchGovernor(), []
@@ -364,7 +367,9 @@ class ParallelBatchProcessor:
                 self.num_processes, self.start_method, self._timeout_s, self.max_restarts,
                 progress=lambda i: (results[i, ws.HEARTBEAT], results[i, ws.WAITING],
                                     int(results[i, ws.CURRENT_STEP])),
-                abort=self._barriers.abort_all, tick=self._tick)
+                abort=self._barriers.abort_all, tick=self._tick,
+                core_sets=worker_core_sets(self.num_processes, self.threads_per_process)
+                if self.bind_cores else None)
         else:
             self._executor = InProcessExecutor(ops.WorkerCore(0, self.model, layout,
                                                               self.optimizer, work,

@@ -17,6 +17,34 @@ def usable_cores():
     return max(1, cores)
 
 
+def worker_core_sets(num_workers, threads_per_worker):
+    """Disjoint sets of cores, one per worker (``threads_per_worker`` each, in affinity order),
+    or None when they do not fit in this process's affinity (oversubscribed: let the kernel
+    place the workers).
+
+    Binding matters on a VM: left to the scheduler, two workers that meet at a barrier every few
+    microseconds were often placed on one vCPU (each step then waits for a time slice: 150 us of
+    overhead per step instead of 13 us, measured on a 2-vCPU host).
+    """
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    if num_workers * threads_per_worker > len(cores):
+        return None
+    return [set(cores[i * threads_per_worker:(i + 1) * threads_per_worker])
+            for i in range(num_workers)]
+
+
+def bind_to_cores(cores):
+    """Run this process on ``cores`` only; False if the system refused (the run goes on)."""
+    try:
+        os.sched_setaffinity(0, cores)
+        return True
+    except (AttributeError, OSError):
+        return False
+
+
 def _cgroup_cpu_quota():
     """CPUs allowed by cgroup v2 ``cpu.max`` or v1 ``cfs_quota_us``; None when unlimited or unknown."""
     try:

@@ -42,10 +42,10 @@ import numpy as np
 
 from engine.core import protocol
 from engine.core.kernels import clip_scale, sum_squares, weighted_mean_into
-from engine.core.sharding import split_batch
+from engine.core.sharding import TrainableMap, split_batch
 from engine.core.state import NetworkState
 from engine.parallel import workspace as ws
-from engine.parallel.barrier import Aborted, Barriers, owner_pid_alive
+from engine.parallel.barrier import DEFAULT_SPIN_S, Aborted, Barriers, owner_pid_alive
 
 RUN_PASS, REDUCE, ATTACH_DATA, STOP = range(4)
 OK, FAILED = 0, 1
@@ -80,22 +80,36 @@ class WorkerCore:
     """The maths of one worker on shared (or, in-process, private) arrays."""
 
     def __init__(self, worker_id, model, layout, optimizer, work, data=None, *, sync="gradients",
-                 owner_pid=None):
+                 owner_pid=None, spin=False):
         self.worker_id, self.model, self.layout, self.optimizer = worker_id, model, layout, optimizer
         self.work, self.data, self.sync = work, data, sync
         self.num_workers = len(work.slots)
         self.num_weights = layout.num_weights
-        self.barriers = Barriers(work.arrivals, work.doorbell, work.abort, owner_pid=owner_pid)
+        # Spin before sleeping only on a core of its own: a spinning worker that shares a core
+        # with the peer it waits for only delays that peer.
+        self.barriers = Barriers(work.arrivals, work.doorbell, work.abort,
+                                 spin_s=DEFAULT_SPIN_S if spin else 0.0, owner_pid=owner_pid)
         self.results = work.results[worker_id]
         self._versions = [NetworkState.from_buffer(layout, version)
                           for version in work.versions_of_params]
         self.slot = work.slots[worker_id]
-        self.local_state = NetworkState.from_buffer(layout, self.slot)
-        self.slot_weights, self.slot_theta = layout.views(self.slot)
-        start, stop = work.state_bounds[worker_id], work.state_bounds[worker_id + 1]
-        self.state_slice = (int(start), int(stop))
-        self.weight_slice = (int(start), int(min(stop, self.num_weights)))
-        self.theta_slice = (int(max(start, self.num_weights)), int(stop))
+        # Frozen weights (engine.core.sharding): state_bounds split the compact numbering of the
+        # trainable weights and theta; in gradients mode the slot holds just those values.
+        self.trainable = TrainableMap(work.spec.get("weight_ranges", ((0, self.num_weights),)),
+                                      self.num_weights, layout.size)
+        trained = self.trainable.num_trainable
+        if sync == "gradients":
+            self.slot_weights, self.slot_theta = self.trainable.compact_views(layout, self.slot)
+        else:
+            self.local_state = NetworkState.from_buffer(layout, self.slot)
+        start, stop = int(work.state_bounds[worker_id]), int(work.state_bounds[worker_id + 1])
+        self.state_slice = (start, stop)                    # compact numbering from here on
+        self.weight_slice = (start, min(stop, trained))
+        self.theta_slice = (max(start, trained), stop)
+        self.weight_pieces = self.trainable.pieces(*self.weight_slice)  # (buffer a, b, compact)
+        self.theta_pieces = self.trainable.pieces(*self.theta_slice)
+        self.state_pieces = self.trainable.pieces(start, stop)
+        self._out_views = None
         self.takes_rng, self.takes_out = protocol.loss_and_grads_options(model)
         self._local_flat = None  # sync="states" only; allocated by its first local step
         self._rows_buffer = None
@@ -242,7 +256,7 @@ class WorkerCore:
             loss, count = self._train_on_shard(state, x, y, step, self.slot_weights,
                                                self.slot_theta)
             record[ws.R_LOSS], record[ws.R_COUNT] = loss, count
-            record[ws.R_GRAD_SQUARES] = sum_squares(self.slot, 0, self.num_weights)
+            record[ws.R_GRAD_SQUARES] = sum_squares(self.slot, 0, self.trainable.num_trainable)
         record[ws.R_COMPUTE_S] = time.perf_counter() - started
 
     def _reduce_slice(self, coefficients, record):
@@ -262,15 +276,20 @@ class WorkerCore:
         the next one; the averaged theta copied in. Returns 0.0, or NaN if a value is not finite."""
         params, optimizer = self._param_versions, self._optimizer_versions
         current, following = step % len(params), (step + 1) % len(params)
-        start, stop = self.weight_slice
-        non_finite = 0.0
-        if stop > start:
-            non_finite = self.optimizer.update_into(
-                params[following], optimizer[following], params[current], optimizer[current],
-                self._averaged, start, stop, learning_rate, step + 1, scale)
-        start, stop = self.theta_slice
-        if stop > start:
-            params[following][start:stop] = self._averaged[start:stop]
+        averaged, non_finite = self._averaged, 0.0
+        for start, stop, compact in self.weight_pieces:
+            if compact == start:  # nothing frozen before it: buffer and compact numbering agree
+                non_finite += self.optimizer.update_into(
+                    params[following], optimizer[following], params[current], optimizer[current],
+                    averaged, start, stop, learning_rate, step + 1, scale)
+            else:  # past a frozen weight: the same update on views aligned to the piece
+                non_finite += self.optimizer.update_into(
+                    params[following][start:stop], optimizer[following][:, start:stop],
+                    params[current][start:stop], optimizer[current][:, start:stop],
+                    averaged[compact:compact + stop - start], 0, stop - start, learning_rate,
+                    step + 1, scale)
+        for start, stop, compact in self.theta_pieces:
+            params[following][start:stop] = averaged[compact:compact + stop - start]
         return non_finite
 
     def reduce(self):
@@ -329,7 +348,10 @@ class WorkerCore:
         if self._local_flat is None:
             # Gradients and new theta gather here: in states mode the slot holds the local state.
             self._local_flat = np.empty(self.layout.size, np.float32)
-            self._local_grads, self._local_theta = self.layout.views(self._local_flat)
+            grads, self._local_theta = self.layout.views(self._local_flat)
+            trainable = self.trainable.compact_views(self.layout,
+                                                     np.empty(self.trainable.size, np.float32))[0]
+            self._local_grads = {name: grads[name] for name in grads if name in trainable}
         x, y = self._rows(start, stop)
         loss, count = self._train_on_shard(self.local_state, x, y, step, self._local_grads,
                                            self._local_theta)
@@ -338,10 +360,13 @@ class WorkerCore:
             return False
         own_optimizer = self.work.optimizer[self.worker_id]
         self.results[ws.DIRTY] = ws.DIRTY_UPDATE
-        record[ws.R_NON_FINITE] = self.optimizer.update_into(
-            self.slot, own_optimizer, self.slot, own_optimizer, self._local_flat, 0,
-            self.num_weights, self.data.step_learning_rates[step - int(self.work.control[ws.STEP])],
-            step + 1, 1.0)
+        learning_rate = self.data.step_learning_rates[step - int(self.work.control[ws.STEP])]
+        non_finite = 0.0
+        for start, stop in self.trainable.weight_ranges:  # frozen weights are never stepped
+            non_finite += self.optimizer.update_into(
+                self.slot, own_optimizer, self.slot, own_optimizer, self._local_flat, start, stop,
+                learning_rate, step + 1, 1.0)
+        record[ws.R_NON_FINITE] = non_finite
         self.slot[self.num_weights:] = self._local_flat[self.num_weights:]
         self.results[ws.SINCE_SYNC] += count
         record[ws.R_COMPUTE_S] = time.perf_counter() - started
@@ -359,9 +384,9 @@ class WorkerCore:
         self._beat(int(self.results[ws.CURRENT_STEP]))
         counts = work.results[:, ws.SINCE_SYNC]
         coefficients = counts / counts.sum()
-        start, stop = self.state_slice
-        self._average_slice(work.params if into_params else work.reduced, coefficients, start,
-                            stop)
+        for start, stop, _ in self.state_pieces:  # frozen weights are equal in every local state
+            self._average_slice(work.params if into_params else work.reduced, coefficients, start,
+                                stop)
         barriers.arrive(ws.AVERAGE_OUT, i, j + 1)
         self._wait(ws.AVERAGE_OUT, j + 1)
         if into_params:
@@ -410,6 +435,17 @@ class WorkerCore:
         record[ws.R_COMPUTE_S] = time.perf_counter() - started
 
     # -- shared by both modes --------------------------------------------------------------------
+    def _all_weight_views(self, grad_views):
+        """``grad_views`` completed with private scratch views for frozen weights (a model taking
+        ``out=`` writes every gradient; a frozen one goes nowhere)."""
+        if len(grad_views) == len(self.layout.weight_shapes):
+            return grad_views
+        if self._out_views is None or self._out_views[0] is not grad_views:
+            scratch, _ = self.layout.views(np.empty(self.layout.size, np.float32))
+            self._out_views = (grad_views, {name: grad_views.get(name, view)
+                                            for name, view in scratch.items()})
+        return self._out_views[1]
+
     def _train_on_shard(self, state, x, y, step, grad_views, theta_views):
         """Loss of examples ``x`` at ``state``; their gradient and new theta go into the views.
 
@@ -429,7 +465,7 @@ class WorkerCore:
             if self.takes_rng:
                 kwargs["rng"] = _LazyRandom(int(control[ws.SEED]), self.worker_id, step, chunk)
             if self.takes_out and single:
-                kwargs["out"] = grad_views
+                kwargs["out"] = self._all_weight_views(grad_views)
             chunk_loss, grads, *new_theta = self.model.loss_and_grads(state, x[low:high],
                                                                       y[low:high], **kwargs)
             weight = np.float32((high - low) / total)
@@ -500,7 +536,8 @@ def worker_main(worker_id, spec, command_pipe, answer_pipe):
     """Entry point of a worker process: attach, then serve operations until STOP or owner death."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     log = _log_stderr(spec["log_path"])  # noqa: F841 - stays open while the worker lives
-    from engine.parallel.system import keep_freed_memory, limit_threads
+    from engine.parallel.system import bind_to_cores, keep_freed_memory, limit_threads
+    bound = spec.get("cores") is not None and bind_to_cores(spec["cores"])
     thread_limit = limit_threads(spec["threads"])  # noqa: F841 - the limit lasts while it lives
     keep_freed_memory()
     command_fd, answer_fd = command_pipe.fileno(), answer_pipe.fileno()
@@ -511,7 +548,7 @@ def worker_main(worker_id, spec, command_pipe, answer_pipe):
         from engine.parallel.faults import fault_injecting
         core_class = fault_injecting(WorkerCore, spec["faults"])
     core = core_class(worker_id, spec["model"], spec["layout"], spec["optimizer"], work, data,
-                      sync=spec["sync"], owner_pid=spec["owner_pid"])
+                      sync=spec["sync"], owner_pid=spec["owner_pid"], spin=bound)
     send_message(answer_fd, OK)
     try:
         while True:

@@ -1,0 +1,42 @@
+"""Workers are bound to disjoint cores when they fit in the owner's affinity, and left to the
+kernel when they do not (or when bind_cores=False)."""
+import os
+
+import psutil
+import pytest
+
+from engine import ParallelBatchProcessor
+from engine.parallel.system import worker_core_sets
+from models import MLP
+
+MODEL = MLP(sizes=(12, 8, 3))
+
+
+def _affinities(blobs, **options):
+    with ParallelBatchProcessor(MODEL, batch_size=20, **options) as processor:
+        processor.process_batch(blobs[0][:20], blobs[1][:20], MODEL.init_state(0),
+                                {"learning_rate": 0.1})
+        return [set(psutil.Process(pid).cpu_affinity()) for pid in processor.worker_pids]
+
+
+def test_core_sets_are_disjoint_and_none_when_oversubscribed():
+    cores = sorted(os.sched_getaffinity(0))
+    sets = worker_core_sets(len(cores), 1)
+    assert [sorted(s) for s in sets] == [[c] for c in cores]
+    assert worker_core_sets(len(cores) + 1, 1) is None
+    assert worker_core_sets(1, len(cores)) == [set(cores)]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")
+def test_two_workers_run_on_two_different_cores(blobs):
+    first, second = _affinities(blobs, num_processes=2)
+    assert len(first) == len(second) == len(os.sched_getaffinity(0)) // 2
+    assert not first & second
+
+
+def test_unbound_workers_keep_the_owners_affinity(blobs):
+    owner = set(os.sched_getaffinity(0))
+    processes = min(2, len(owner))
+    assert all(cores == owner for cores in _affinities(blobs, num_processes=processes,
+                                                        bind_cores=False))
+    assert all(cores == owner for cores in _affinities(blobs, num_processes=len(owner) + 1))
