@@ -8,7 +8,9 @@ worker compute the same offsets:
   step t reads copy ``t % 2`` and writes copy ``(t + 1) % 2``, so an update cut short by a dying
   worker can be run again from intact inputs), one ``slots[i]`` per worker (gradients and new
   theta in ``gradients`` mode, the worker's local state in ``states`` mode), the averaged vector
-  ``reduced``, optimizer buffers, the pass plan's scalar fields (``control``), per-worker fields
+  ``reduced`` (with frozen weights, slots and ``reduced`` of gradients mode hold only the compact
+  trainable values: ``engine.core.sharding.TrainableMap``; frozen values are equal in every
+  version of the state, and their optimizer entries are never touched), optimizer buffers, the pass plan's scalar fields (``control``), per-worker fields
   (``results``), and the barriers' arrival counters, doorbell and abort word;
 * the **data** block (re-created only when a larger data set arrives): examples, labels,
   predictions, and the pass plan's arrays: the order in which a training pass visits the rows,
@@ -96,18 +98,24 @@ class Workspace(_Arrays):
 
     @staticmethod
     def make_spec(num_values, num_weights, num_workers, versions, optimizer_copies,
-                  optimizer_buffers):
+                  optimizer_buffers, slot_values=None, weight_ranges=None):
+        """``slot_values``: length of a worker's slot (default ``num_values``; the compact
+        trainable values in gradients mode with frozen weights). ``weight_ranges``: buffer ranges
+        of the trainable weights (default: all; see ``engine.core.sharding.TrainableMap``)."""
         return dict(num_values=num_values, num_weights=num_weights, num_workers=num_workers,
                     versions=versions, optimizer_copies=optimizer_copies,
-                    optimizer_buffers=optimizer_buffers)
+                    optimizer_buffers=optimizer_buffers,
+                    slot_values=num_values if slot_values is None else int(slot_values),
+                    weight_ranges=((0, num_weights),) if weight_ranges is None else
+                    tuple(tuple(r) for r in weight_ranges))
 
     @staticmethod
     def _fields(spec):
         p, w, n, versions = (spec["num_values"], spec["num_weights"], spec["num_workers"],
                              spec["versions"])
         return [("versions_of_params", (versions, p), np.float32),
-                ("slots", (n, p), np.float32),
-                ("reduced", (p,), np.float32),
+                ("slots", (n, spec.get("slot_values", p)), np.float32),
+                ("reduced", (spec.get("slot_values", p),), np.float32),
                 ("versions_of_optimizer", (versions, spec["optimizer_copies"],
                                            spec["optimizer_buffers"], w), np.float32),
                 ("control", (NUM_CONTROL,), np.float64),
