@@ -1,12 +1,14 @@
 """What crossing nodes costs: the MPI allreduce of a node's buffer against the in-node reduce and
 the memory-copy floor, and a training step of the reference MLP split into its parts.
 
-    mpirun -np 2 --oversubscribe --bind-to none .venv/bin/python benchmarks/cluster.py [--quick]
+    mpirun -np 2 --bind-to core .venv/bin/python benchmarks/cluster.py [--quick]
     (as root, also export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
 
-Two ranks on one machine stand for two nodes: the cross-node figures are then Open MPI's
-shared-memory transport, the best case of a real link; docs/cluster.md turns them and the link
-speeds into the cost model. What is timed, for P in {1M, 4M, 16M, 64M} float32, in rounds whose
+Two ranks on one machine stand for two nodes, each bound to its own core (unbound, the two ranks'
+busy-polling allreduce shares cores with each other and with neighbours and swings 0.4-40 ms for
+1M values): the cross-node figures are then Open MPI's shared-memory transport, the best case of
+a real link; docs/cluster.md turns them and the link speeds into the cost model. The in-node
+parts run on rank 0 with its affinity widened to every core while rank 1 waits. What is timed, for P in {1M, 4M, 16M, 64M} float32, in rounds whose
 order rotates (the memory bandwidth drifts and must hit every side alike), each sample started
 by both ranks together:
 * ``cross_node_mean``: ``Cluster.mean_`` as a step pays it (roll call with the example counts,
@@ -28,6 +30,7 @@ crossing nodes costs nothing). Last line: ``cluster allreduce_ms_16m=X step_effi
 import _common  # noqa: F401 - first: puts the repository root on sys.path
 
 import math
+import os
 import time
 
 import numpy as np
@@ -44,6 +47,17 @@ QUICK = dict(rounds=2, repeats=2, warmup=1, steps=4, sizes=(1 << 20, 16 << 20))
 SIDES = ("cross_node_mean", "mpi_allreduce", "copy_floor", "in_node_sync", "roll_call")
 
 
+class _WholeMachine:
+    """Rank 0's CPU affinity widened to every core for a block (its workers inherit it)."""
+
+    def __enter__(self):
+        self.saved = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, range(os.cpu_count()))
+
+    def __exit__(self, *exc_info):
+        os.sched_setaffinity(0, self.saved)
+
+
 def measure_size(cluster, num_values, plan):
     """Rounds of the four sides for one P; returns the record (timings on this rank)."""
     MPI = cluster.MPI
@@ -55,7 +69,10 @@ def measure_size(cluster, num_values, plan):
         model = ConstantGradientModel(num_values)
         state = model.init_state(seed=0)
         x, y = np.zeros((2, 1), np.float32), np.zeros(2, np.int64)
-        processor = ParallelBatchProcessor(model, num_processes=2, batch_size=2, optimizer="sgd")
+        with _WholeMachine():  # the processor sees, and its pool starts on, every core
+            processor = ParallelBatchProcessor(model, num_processes=2, batch_size=2,
+                                               optimizer="sgd")
+            processor.process_batch(x, y, state, {"learning_rate": 1e-9})
 
     def once(side):
         cluster.barrier()  # both ranks start the sample together
@@ -69,7 +86,8 @@ def measure_size(cluster, num_values, plan):
         elif side == "roll_call":
             cluster.sum_([1.0])
         elif processor is not None:  # in_node_sync: rank 0 alone, rank 1 idles in the barrier
-            _, step = processor.process_batch(x, y, state, {"learning_rate": 1e-9})
+            with _WholeMachine():
+                _, step = processor.process_batch(x, y, state, {"learning_rate": 1e-9})
             return step["sync_s"]
         elapsed = time.perf_counter() - began
         np.copyto(buffer, 1e-3)  # keep the values finite and equal across samples
@@ -119,8 +137,9 @@ def measure_node_steps(cluster, plan):
                 x, y = _synthetic(model, feature_shape, classes, rows)
                 state = model.init_state(seed=0)
                 steps = {key: [] for key in ("compute_s", "sync_s", "wait_s", "wall_s")}
-                with ParallelBatchProcessor(model, num_processes=2, batch_size=rows,
-                                            optimizer="adam") as processor:
+                with _WholeMachine(), ParallelBatchProcessor(model, num_processes=2,
+                                                             batch_size=rows,
+                                                             optimizer="adam") as processor:
                     for index in range(plan["steps"] + 3):  # 3 warm-up steps
                         state, step = processor.process_batch(x, y, state,
                                                               {"learning_rate": 1e-4})

@@ -141,9 +141,11 @@ class Cluster:
         bounds = split_batch(int(rows), self.size)
         return int(bounds[self.rank]), int(bounds[self.rank + 1])
 
-    def mean_(self, buffer, examples, loss=0.0):
+    def mean_(self, buffer, examples, loss=0.0, *, scaled=False):
         """Replace ``buffer`` (float32, this node's mean) by the mean over all nodes, weighted by
-        each node's ``examples``.
+        each node's ``examples``. ``scaled=True``: the buffer already holds this node's mean times
+        ``examples / global examples`` (the in-node reduce applied the weight), so it is summed
+        as it is, saving a pass over it.
 
         Returns:
             ``(global_loss, global_examples)``: the example-weighted mean of the nodes' ``loss``
@@ -158,7 +160,8 @@ class Cluster:
         if self.size > 1:
             if total_examples <= 0:
                 raise ValueError("cannot average across nodes that together hold no examples.")
-            np.multiply(buffer, np.float32(examples / total_examples), out=buffer)
+            if not scaled:
+                np.multiply(buffer, np.float32(examples / total_examples), out=buffer)
             self._transfer(lambda: self.comm.Allreduce(self.MPI.IN_PLACE, buffer,
                                                        op=self.MPI.SUM), _MEAN)
         return (total_loss / total_examples if total_examples else float("nan")), total_examples

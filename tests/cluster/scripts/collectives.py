@@ -28,6 +28,8 @@ expected = (counts[:, None] / counts.sum() * np.stack([item[0] for item in input
     np.float64)).sum(0)
 expected_loss = float(np.dot(counts, [item[2] for item in inputs]) / counts.sum())
 
+prescaled = node_inputs(rank)[0] * np.float32(examples / counts.sum())
+cluster.mean_(prescaled, examples, loss, scaled=True)
 sums = cluster.sum_([rank + 0.25, 1.0, 1e-17 * (rank + 1)])
 state = np.arange(10, dtype=np.float32) * (rank + 1)
 cluster.bcast_(state)
@@ -46,6 +48,7 @@ print("RESULT " + json.dumps(dict(
     rank=rank, size=size, local_size=cluster.local_size, pid=os.getpid(),
     max_relative_error=float(np.max(np.abs(buffer - expected) / (np.abs(expected) + 1e-6))),
     max_abs_error=float(np.max(np.abs(buffer - expected))),
+    max_abs_error_scaled=float(np.max(np.abs(prescaled - expected))),
     loss=got_loss, expected_loss=expected_loss, examples=got_examples,
     expected_examples=float(counts.sum()), sums=sums.tolist(),
     bcast=state.tolist(), digest=digest, share=cluster.node_share(101),
