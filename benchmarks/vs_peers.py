@@ -178,9 +178,12 @@ class TorchRunner:
 
 
 class NativeOneThreadRunner(EngineRunner):
-    """The native model in this process (``num_processes=1``), BLAS limited to one thread."""
+    """The native model in this process (``num_processes=1``), BLAS limited to one thread, freed
+    memory kept for reuse as in a worker."""
 
     def __init__(self, label, model):
+        from engine.parallel.system import keep_freed_memory
+        keep_freed_memory()
         super().__init__(label, model, 1)
 
     def epoch(self, data):
@@ -192,7 +195,10 @@ class NativeOneThreadRunner(EngineRunner):
 # -- one LSTM direction, native against torch (run with --layer-child) -----------------------
 def layer_child(repeats):
     """Median ms of forward + backward of one LSTM direction, native and torch, interleaved."""
+    from engine.parallel.system import keep_freed_memory, limit_threads
     from models.layers.recurrent import LSTM
+    limit = limit_threads(1)  # noqa: F841 - as in a worker: the limit lasts while it lives
+    keep_freed_memory()       # as in a worker: freed buffers are reused, not returned and faulted
     timesteps, batch, units, features = 62, 32, 128, 128
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, timesteps, features)).astype(np.float32)
