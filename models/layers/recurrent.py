@@ -119,6 +119,10 @@ class LSTM(_Recurrent):
         units: size of the hidden and cell state.
         return_sequences: True: output every timestep's hidden state, (n, timesteps, units);
             False (default): only the last one, (n, units).
+
+    Raises:
+        ValueError: for units that is not a positive int or a return_sequences that is not a
+            bool; at build time, for inputs without a time axis.
     """
 
     kind = "lstm"
@@ -199,6 +203,9 @@ class GRU(_Recurrent):
     Args:
         units: size of the hidden state.
         return_sequences: True: (n, timesteps, units) outputs; False (default): (n, units).
+
+    Raises:
+        ValueError: as :class:`LSTM`.
     """
 
     kind = "gru"
