@@ -11,7 +11,7 @@ from engine.core import kernels
 from engine.core.errors import NonFiniteLossError
 from engine.core.optim import make_optimizer
 from engine.core.protocol import check_model_contract
-from engine.core.sharding import partition
+from engine.core.sharding import TrainableMap, match_frozen, partition
 from engine.core.state import NetworkState
 from engine.core.validation import (check_data, check_learning_rate, check_model, check_params,
                                     check_processor_options, check_state)
@@ -72,11 +72,15 @@ class ParallelBatchProcessor:
         timeline: a path: write a Chrome trace (Perfetto, chrome://tracing) of every step's
             compute, wait, reduce and update per worker and of the owner's work, at close()
             (``engine.parallel.timeline``: every step of the first 2,000, then one in 50).
+        freeze: fnmatch patterns of weight names (e.g. ``["conv1d_1/*"]``) to keep fixed; see
+            :meth:`set_frozen`. Frozen weights take no gradient slot, no averaging and no
+            optimizer update, and stay bitwise unchanged in both sync modes.
     """
 
     def __init__(self, model=None, *, num_processes=None, batch_size=50, sync="gradients",
                  update_interval=1, optimizer="adam", seed=0, start_method=None, timeout_s=None,
-                 micro_batch_size=None, max_restarts=3, timeline=None, bind_cores=True):
+                 micro_batch_size=None, max_restarts=3, timeline=None, bind_cores=True,
+                 freeze=None):
         check_processor_options(num_processes, batch_size, sync, update_interval, timeout_s,
                                 start_method, seed, micro_batch_size, max_restarts)
         self.model = model
@@ -104,6 +108,9 @@ class ParallelBatchProcessor:
         self._data_key = None           # what the data block holds (see _load_data)
         self._rng = np.random.default_rng(self.seed)
         self.timeline = None if timeline is None else Timeline(timeline)
+        self._frozen_patterns, self._frozen_names, self._running_map = (), (), None
+        if freeze:
+            self.set_frozen(freeze)
 
     @property
     def timeout_s(self):
@@ -178,6 +185,44 @@ class ParallelBatchProcessor:
             return self._returned_state, results
         return self._current_state(), results
 
+    def set_frozen(self, patterns):
+        """Keep the weights whose names match ``patterns`` fixed from the next call on.
+
+        The reduce-scatter and the optimizer update then run over the trainable weights and
+        theta only (split evenly among the workers); frozen weights stay bitwise as they are and
+        their optimizer entries (momentum, Adam moments) are neither read nor written. Theta is
+        never frozen. Changing the set restarts the workers at the next call (their gradient
+        slots are sized for the trainable values); the optimizer state and step count carry over.
+
+        Args:
+            patterns: fnmatch patterns (a string or a list of strings); None or [] unfreezes all.
+        Returns:
+            the tuple of frozen weight names.
+        Raises:
+            TypeError/ValueError: a pattern is not a string or matches no weight (the message
+                lists the weight names).
+        """
+        if patterns and self.model is None:
+            raise ValueError("freeze needs a model whose weight names the patterns match. Pass "
+                             "model=... to ParallelBatchProcessor.")
+        if not patterns:
+            self._frozen_patterns, self._frozen_names = (), ()
+            return ()
+        layout = self._layout or self.model.init_state(self.seed).layout
+        names = match_frozen([n for n, _ in layout.weight_shapes], patterns,
+                             [n for n, _ in layout.theta_shapes])
+        self._frozen_patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+        self._frozen_names = names
+        return names
+
+    @property
+    def frozen(self):
+        """The frozen weight names (see :meth:`set_frozen`)."""
+        return self._frozen_names
+
+    def _trainable_map(self, layout):
+        return TrainableMap.of(layout, self._frozen_names)
+
     def forget_data(self):
         """Make the next call copy and validate its data again (after changing it in place)."""
         self._data_key = None
@@ -211,12 +256,15 @@ class ParallelBatchProcessor:
         work = self._work
         params = work.params.copy()
         work.control[ws.STEP] = step
-        work.optimizer[...] = optimizer
+        # Every version: entries of frozen weights are never written by an update, so each
+        # version must already hold them (a checkpoint reads whichever version is current).
+        work.versions_of_optimizer[...] = optimizer
         work.params[...] = params
 
     def reset_optimizer(self):
         """Forget optimizer state (momentum, Adam moments and step count)."""
         self._kept_optimizer = None
+        self._pending_training_state = None  # a resumed run's optimizer too (not its shuffling)
         if self._work is not None:
             self._work.versions_of_optimizer.fill(0.0)
             self._set_step(0, 0.0)
@@ -270,7 +318,7 @@ class ParallelBatchProcessor:
         if state is not self._returned_state or state is None:
             check_state(state, layout)
         key = _data_key(examples, labels) if reuse else None
-        if key is not None and key == self._data_key and self._layout == state.layout:
+        if key is not None and key == self._data_key and self._running(state.layout):
             return self._data_rows
         examples, labels, num_outputs = self._check_model_and_data(state, examples, labels)
         self._check_shared_space(state.layout, examples, num_outputs)
@@ -303,10 +351,18 @@ class ParallelBatchProcessor:
 
     def _workspace_spec(self, layout):
         gradients = self.sync == "gradients"
+        trainable = self._trainable_map(layout)
         return Workspace.make_spec(layout.size, layout.num_weights, self.num_processes,
                                    versions=2 if gradients else 1,
                                    optimizer_copies=1 if gradients else self.num_processes,
-                                   optimizer_buffers=self.optimizer.num_buffers)
+                                   optimizer_buffers=self.optimizer.num_buffers,
+                                   slot_values=trainable.size if gradients else layout.size,
+                                   weight_ranges=trainable.weight_ranges)
+
+    def _running(self, layout):
+        """Whether the workers run for this layout and the current frozen set."""
+        return self._layout == layout and self._executor is not None and \
+            self._running_map == self._trainable_map(layout)
 
     def _data_spec(self, rows, feature_shape, num_outputs):
         return DataArrays.make_spec(rows, feature_shape, num_outputs, self.batch_size,
@@ -318,7 +374,7 @@ class ParallelBatchProcessor:
         if self.num_processes == 1:
             return
         sizes = []
-        if self._layout != layout or self._executor is None:
+        if not self._running(layout):
             sizes.append(Workspace.nbytes(self._workspace_spec(layout)))
         data = self._data
         if sizes or data is None or data.spec["capacity"] < len(examples) or \
@@ -329,7 +385,7 @@ class ParallelBatchProcessor:
             check_shared_memory_space(*sizes)
 
     def _start(self, layout, num_outputs):
-        if self._layout == layout and self._executor is not None:
+        if self._running(layout):
             return
         self.close()
         try:
@@ -345,7 +401,8 @@ class ParallelBatchProcessor:
         memory.check_fits(Workspace.nbytes(spec), self.num_processes if shared else 0,
                           layout.size * 4)
         self._work = work = Workspace(spec, shared=shared, create=True)
-        work.state_bounds[:] = partition(layout.size, self.num_processes)
+        trainable = self._trainable_map(layout)
+        work.state_bounds[:] = partition(trainable.size, self.num_processes)  # compact numbering
         work.control[ws.SEED] = self.seed
         work.control[ws.MICRO_BATCH] = self.micro_batch_size or 0
         work.control[ws.UPDATE_INTERVAL] = self.update_interval
@@ -374,7 +431,7 @@ class ParallelBatchProcessor:
             self._executor = InProcessExecutor(ops.WorkerCore(0, self.model, layout,
                                                               self.optimizer, work,
                                                               sync=self.sync))
-        self._layout = layout
+        self._layout, self._running_map = layout, trainable
 
     def _load_data(self, examples, labels):
         """Copy examples and labels into the data block (grown when too small); workers read
@@ -409,6 +466,8 @@ class ParallelBatchProcessor:
             return
         work = self._work
         work.params[:] = state.buffer
+        for start, stop in self._running_map.frozen_ranges:  # updates never write them
+            work.versions_of_params[:, start:stop] = state.buffer[start:stop]
         work.control[ws.REFRESH] = 1.0
         work.results[:, ws.SINCE_SYNC] = 0.0
         self._steps_since_average = 0
