@@ -1,4 +1,4 @@
-"""TensorFlow-side oracles of the native-layer and interop tests, run in a child process.
+"""TensorFlow- and torch-side oracles of the native-layer and interop tests, run in a child process.
 
 The pytest process never imports TensorFlow (forking after it is unsafe, and later tests rely on
 forked workers; see tests/backends/keras_oracle.py), so each task here builds Keras models, runs
@@ -237,7 +237,72 @@ def task_sequential(native_model, native_state, x):
                 exported=native_model.to_keras(native_state).predict(x, verbose=0))
 
 
-TASKS = {"zoo": task_zoo, "tape": task_tape, "sequential": task_sequential, "load_and_predict": task_load_and_predict, "stacks": task_stacks, "sgd": task_sgd,
+def _torch_forward(torch, F, kind, config, xs, w, training):
+    """The layer ``kind`` in torch's own ops, on channels-last tensors like the native layer."""
+    x = xs[0]
+    if kind == "Conv1D":
+        length, k, stride = x.shape[1], w["kernel"].shape[0], config["stride"]
+        out = -(-length // stride)
+        total = max((out - 1) * stride + k - length, 0) if config["padding"] == "same" else 0
+        padded = F.pad(x.transpose(1, 2), (total // 2, total - total // 2))
+        y = F.conv1d(padded, w["kernel"].permute(2, 1, 0), w["bias"], stride=stride)
+        y = y.transpose(1, 2)
+        return F.relu(y) if config["activation"] == "relu" else y
+    if kind == "Dense":
+        y = F.linear(x, w["kernel"].T, w["bias"])
+        return F.relu(y) if config["activation"] == "relu" else y
+    if kind == "BatchNorm":
+        channels = x.shape[-1]
+        y = F.batch_norm(x.reshape(-1, channels), torch.zeros(channels, dtype=x.dtype),
+                         torch.ones(channels, dtype=x.dtype), w["gamma"], w["beta"],
+                         training=training, eps=config["epsilon"])
+        return y.reshape(x.shape)
+    if kind == "LayerNorm":
+        return F.layer_norm(x, x.shape[-1:], w["gamma"], w["beta"], eps=config["epsilon"])
+    if kind == "MaxPool1D":
+        return F.max_pool1d(x.transpose(1, 2), config["pool_size"],
+                            config["stride"]).transpose(1, 2)
+    if kind == "GlobalAveragePooling1D":
+        return x.mean(dim=1)
+    if kind == "MultiHeadSelfAttention":  # torch's own attention: needs heads * key_dim = features
+        d, h, k = x.shape[-1], config["heads"], config["key_dim"]
+        in_weight = torch.cat([w[f"{p}/kernel"].reshape(d, h * k).T for p in
+                               ("query", "key", "value")])
+        in_bias = torch.cat([w[f"{p}/bias"].reshape(-1) for p in ("query", "key", "value")])
+        y, _ = F.multi_head_attention_forward(
+            x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1), d, h, in_weight, in_bias,
+            None, None, False, 0.0, w["attention_output/kernel"].reshape(h * k, d).T,
+            w["attention_output/bias"], training=training, need_weights=False)
+        return y.transpose(0, 1)
+    if kind == "AttentionPooling":
+        hidden = torch.tanh(x @ w["hidden/kernel"] + w["hidden/bias"])
+        alpha = torch.softmax((hidden @ w["score/kernel"])[..., 0], dim=1)
+        return (alpha[..., None] * x).sum(dim=1)
+    if kind == "Add":
+        return sum(xs[1:], xs[0])
+    if kind == "Concatenate":
+        return torch.cat(xs, dim=-1)
+    raise ValueError(kind)
+
+
+def task_torch(cases):
+    """Per (kind, config, xs, weights, dy, training): torch's output and autograd gradients of
+    sum(y * dy) in float32."""
+    import torch
+    import torch.nn.functional as F
+    torch.set_num_threads(1)
+    results = []
+    for kind, config, xs, weights, dy, training in cases:
+        tx = [torch.tensor(x, requires_grad=True) for x in xs]
+        tw = {name: torch.tensor(value, requires_grad=True) for name, value in weights.items()}
+        y = _torch_forward(torch, F, kind, config, tx, tw, training)
+        (y * torch.tensor(dy)).sum().backward()
+        results.append(dict(y=y.detach().numpy(), dxs=[t.grad.numpy() for t in tx],
+                            dweights={name: t.grad.numpy() for name, t in tw.items()}))
+    return results
+
+
+TASKS = {"zoo": task_zoo, "torch": task_torch, "tape": task_tape, "sequential": task_sequential, "load_and_predict": task_load_and_predict, "stacks": task_stacks, "sgd": task_sgd,
          "not_supported": task_not_supported}
 
 if __name__ == "__main__":
