@@ -1,4 +1,4 @@
-"""TensorFlow- and torch-side oracles of the native-layer and interop tests, run in a child process.
+"""Keras and torch oracles of the native-layer and interop tests, run in a child process.
 
 The pytest process never imports TensorFlow (forking after it is unsafe, and later tests rely on
 forked workers; see tests/backends/keras_oracle.py), so each task here builds Keras models, runs
