@@ -29,6 +29,7 @@ crossing nodes costs nothing). Last line: ``cluster allreduce_ms_16m=X step_effi
 """
 import _common  # noqa: F401 - first: puts the repository root on sys.path
 
+import json
 import math
 import os
 import time
@@ -207,6 +208,9 @@ LINK_LATENCY_S = 30e-6
 # The Keras reference model is not run here (TensorFlow startup); its one-node step is the figure
 # measured by benchmarks/vs_keras.py (docs/performance.md: engine 2p x 1 thread, batch 64).
 KERAS_REFERENCE = dict(num_weights=739_226, batch=64, step_s=0.176)
+# The MLP's one-node step on a quiet machine, 2 processes (docs/performance.md, scaling.py: compute
+# 9.20 + sync 1.82 + wait 0.41 ms): the figure to trust when this run's machine was busy.
+MLP_QUIET_REFERENCE = dict(num_weights=1_068_810, batch=256, step_s=0.01143)
 
 
 def cross_node_seconds(nodes, gbit_s, num_values, roll_call_s, message_s, copy_s_per_byte):
@@ -241,11 +245,15 @@ def cost_model(records, node_steps, message_s):
     accumulation, or update_interval in states mode) bring the efficiency to 90%."""
     # Each input is the run's 10th percentile: other processes' load only ever adds time, and on
     # a shared machine the median carries their share (the medians are in the JSON too).
-    roll_call_s = float(np.median([r["roll_call"]["p10_s"] for r in records]))
+    # The roll call does not depend on P: its least p10 over the sizes (the least disturbed).
+    roll_call_s = float(min(r["roll_call"]["p10_s"] for r in records))
     copy_s_per_byte = float(np.median([r["copy_floor"]["p10_s"] / r["bytes"] for r in records]))
-    models = {name: dict(num_weights=entry["num_weights"], batch=max(entry["batches"]),
-                         step_s=entry["batches"][max(entry["batches"])]["wall_s"]["p10_s"])
-              for name, entry in node_steps.items()}
+    models = {}
+    for name, entry in node_steps.items():
+        batch = max(entry["batches"], key=int)  # JSON turns the batch keys into strings
+        models[name] = dict(num_weights=entry["num_weights"], batch=int(batch),
+                            step_s=entry["batches"][batch]["wall_s"]["p10_s"])
+    models["mlp_quiet"] = MLP_QUIET_REFERENCE
     models["keras_imu_cnn_bilstm"] = KERAS_REFERENCE
     rows = []
     for name, model in models.items():
@@ -264,8 +272,36 @@ def cost_model(records, node_steps, message_s):
                             models=models), rows=rows)
 
 
+def markdown_table(model):
+    """The cost model as docs/cluster.md shows it: per model and link, the step time and the
+    efficiency at each node count, and the accumulation factor for 90% at 64 nodes."""
+    header = " | ".join(f"{n} nodes" for n in NODE_COUNTS)
+    lines = [f"| model (one-node step) | link | {header} | x for 90% at 64 |",
+             "|---|---|" + "---:|" * (len(NODE_COUNTS) + 1)]
+    inputs = model["inputs"]["models"]
+    keys = sorted({(row["model"], row["link_gbit_s"]) for row in model["rows"]},
+                  key=lambda key: (list(inputs).index(key[0]), key[1]))
+    for name, link in keys:
+        rows = {row["nodes"]: row for row in model["rows"]
+                if row["model"] == name and row["link_gbit_s"] == link}
+        cells = " | ".join(f"{rows[n]['step_ms']:.1f} ms ({rows[n]['efficiency']:.2f})"
+                           for n in NODE_COUNTS)
+        lines.append(f"| {name} ({inputs[name]['step_s'] * 1e3:.1f} ms, "
+                     f"{inputs[name]['num_weights']:,} values) | {link} Gb/s | {cells} | "
+                     f"x{rows[NODE_COUNTS[-1]]['accumulate_for_90']} |")
+    return "\n".join(lines)
+
+
 def main():
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__.splitlines()[0], lambda parser: parser.add_argument(
+        "--table", metavar="RESULTS_JSON", default=None,
+        help="print the cost model of a results file as a markdown table (no MPI) and exit"))
+    if args.table:
+        with open(args.table) as f:
+            document = json.load(f)
+        print(markdown_table(cost_model(document["measurements"], document["node_steps"],
+                                        document["cost_model"]["inputs"]["message_s"])))
+        return
     plan = QUICK if args.quick else FULL
     cluster = make_cluster("mpi", timeout_s=600)
     root = cluster.is_root
