@@ -58,8 +58,8 @@ from models.sequential import Sequential
 from models.softmax_regression import SoftmaxRegression
 from models.zoo import cnn_bilstm_attention, imu_cnn_bilstm, lstm_attention
 
-__all__ = ["Sequential", "Graph", "from_keras", "to_keras", "SoftmaxRegression", "MLP", "CNN1D", "CrossEntropy", "FocalLoss",
-           "get_model", "available_models", "model_signature"]
+__all__ = ["Sequential", "Graph", "from_keras", "to_keras", "SoftmaxRegression", "MLP", "CNN1D",
+           "CrossEntropy", "FocalLoss", "get_model", "available_models", "model_signature"]
 
 _REGISTRY = {"softmax_regression": SoftmaxRegression, "mlp": MLP, "cnn1d": CNN1D,
              "imu_cnn_bilstm": imu_cnn_bilstm, "lstm_attention": lstm_attention,

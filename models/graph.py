@@ -80,7 +80,8 @@ class Graph(LayerModel):
         # A node needs its output gradient when it, or a node it reads from, has weights.
         self._needs_grad = {INPUT: False}
         for name, layer, inputs in self.nodes:
-            self._needs_grad[name] = bool(self._names[name][0]) or any(self._needs_grad[i] for i in inputs)
+            self._needs_grad[name] = (bool(self._names[name][0])
+                                      or any(self._needs_grad[i] for i in inputs))
 
     @staticmethod
     def _check_node(node):

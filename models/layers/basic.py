@@ -6,8 +6,8 @@ import numpy as np
 
 from models.layers.base import Layer, check_init, check_positive_int, initial_kernel
 
-__all__ = ["Dense", "Identity", "ReLU", "Dropout", "Reshape", "Flatten", "BatchNorm", "BinaryLogits", "softmax",
-           "softmax_cross_entropy"]
+__all__ = ["Dense", "Identity", "ReLU", "Dropout", "Reshape", "Flatten", "BatchNorm", "BinaryLogits",
+           "softmax", "softmax_cross_entropy"]
 
 
 class Dense(Layer):

@@ -227,7 +227,8 @@ def task_sequential(native_model, native_state, x):
     import keras
     from keras import layers
     from models.keras_interop import from_keras
-    keras_model = keras.Sequential([keras.Input(x.shape[1:]), layers.Conv1D(4, 3, activation="relu"),
+    keras_model = keras.Sequential([keras.Input(x.shape[1:]),
+                                    layers.Conv1D(4, 3, activation="relu"),
                                     layers.BatchNormalization(), layers.MaxPooling1D(2),
                                     layers.Flatten(), layers.Dense(5), layers.ReLU(),
                                     layers.Dense(3, activation="softmax")])
@@ -302,7 +303,8 @@ def task_torch(cases):
     return results
 
 
-TASKS = {"zoo": task_zoo, "torch": task_torch, "tape": task_tape, "sequential": task_sequential, "load_and_predict": task_load_and_predict, "stacks": task_stacks, "sgd": task_sgd,
+TASKS = {"zoo": task_zoo, "torch": task_torch, "tape": task_tape, "sequential": task_sequential,
+         "load_and_predict": task_load_and_predict, "stacks": task_stacks, "sgd": task_sgd,
          "not_supported": task_not_supported}
 
 if __name__ == "__main__":
