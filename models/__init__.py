@@ -59,12 +59,12 @@ from models.softmax_regression import SoftmaxRegression
 from models.zoo import cnn_bilstm_attention, imu_cnn_bilstm, lstm_attention
 
 __all__ = ["Sequential", "Graph", "from_keras", "to_keras", "SoftmaxRegression", "MLP", "CNN1D",
-           "CrossEntropy", "FocalLoss", "get_model", "available_models", "model_signature"]
+           "GRUClassifier", "CrossEntropy", "FocalLoss", "get_model", "available_models", "model_signature"]
 
 _REGISTRY = {"softmax_regression": SoftmaxRegression, "mlp": MLP, "cnn1d": CNN1D,
              "imu_cnn_bilstm": imu_cnn_bilstm, "lstm_attention": lstm_attention,
-             "cnn_bilstm_attention": cnn_bilstm_attention}
-_REGISTRY["gru"] = GRUClassifier  # the MNIST-1D paper's (bidirectional) GRU baseline
+             "cnn_bilstm_attention": cnn_bilstm_attention,
+             "gru": GRUClassifier}  # the MNIST-1D paper's (bidirectional) GRU baseline
 
 
 def available_models():
