@@ -28,10 +28,13 @@ from engine.training.datasets import (Feed, Standardizer, Subset, as_labels, che
 from engine.training.evaluation import _predict, evaluate
 from engine.training.history import History, merge_results
 from engine.training.losses import make_loss
+from engine.training.phases import (Phase, make_plan, phase_index, phase_schedules,
+                                    plan_to_json)
 from engine.training.run_folder import hold_run_folder, run_folder_of
 from engine.backends.device import make_processor
 from engine.training.schedules import Schedule, make_schedule
 from engine.parallel.system import available_memory_bytes, usable_cores
+from engine.core.sharding import match_frozen
 
 __all__ = ["Trainer", "fit", "evaluate", "make_loss"]
 
@@ -70,6 +73,11 @@ class Trainer:
             larger of 60 s and 20x the median step time; a number of seconds; None: wait forever.
         overwrite: replace a run already in output_dir instead of refusing (resuming the run
             that is there needs no overwrite). output_dir is held exclusively while fit runs.
+        freeze: fnmatch patterns of weight names kept fixed for the whole run (e.g. ["conv*"];
+            ``ParallelBatchProcessor.set_frozen``). phases: a phase plan instead, e.g.
+            ``[dict(epochs=5, freeze=["conv*"], learning_rate=1e-3), dict(epochs=10,
+            learning_rate=1e-4)]`` (``engine.training.phases``); history and checkpoints record
+            the phase, and a resumed run continues in the phase of its epoch.
     """
 
     def __init__(self, model, *, batch_size=32, num_processes=None, sync="gradients",
@@ -77,7 +85,11 @@ class Trainer:
                  loss=None, clip_norm=None, grad_accum=1, callbacks=(), output_dir=None, seed=0,
                  standardize=False, verbose=True, metadata=None, memory_limit_bytes=None,
                  start_method=None, timeout_s="auto", device="auto", mixed_precision=False,
-                 xla=False, overwrite=False):
+                 xla=False, overwrite=False, freeze=None, phases=None):
+        if freeze and phases is not None:
+            raise ValueError("give freeze= or phases=, not both: with a phase plan, each phase "
+                             "names its own frozen weights (dict(epochs=..., freeze=[...])).")
+        self.freeze, self.phases = freeze, phases
         _check_positive_int(grad_accum, "grad_accum", "Use 1 for one step per batch.")
         _check_positive_int(batch_size, "batch_size", "It is the global batch of one step.")
         if clip_norm is not None and (isinstance(clip_norm, bool) or not isinstance(
@@ -119,13 +131,14 @@ class Trainer:
         self._processor = None
 
     # -- public API ------------------------------------------------------------------------------
-    def fit(self, x, y, *, epochs, validation_data=None, validation_split=0.0, resume=None,
+    def fit(self, x, y, *, epochs=None, validation_data=None, validation_split=0.0, resume=None,
             initial_state=None, check_data=True):
         """Train for epochs ``initial_epoch + 1 .. epochs`` and return the History.
 
         Args:
             x, y: features (array, memory map, h5py dataset) and integer labels.
-            epochs: the last epoch to train (a resumed run continues up to it).
+            epochs: the last epoch to train (a resumed run continues up to it); with phases, at
+                most their total (the default).
             validation_data: ``(x_val, y_val)``; or validation_split: a fraction of (x, y) held
                 out, stratified by class and seeded.
             resume: a checkpoint written by this trainer: restores weights, theta, optimizer
@@ -136,18 +149,23 @@ class Trainer:
         Raises:
             ValueError (DataError) for bad data or options, before any worker starts.
         """
-        _check_positive_int(epochs, "epochs", "It is the number of the last epoch to train.")
+        epochs = self._plan_phases(epochs)
         self.epochs = epochs
         x_train, y_train, x_val, y_val = self._prepare_data(x, y, validation_data,
                                                             validation_split, check_data)
         layout = self.model.init_state(self.seed).layout
+        for phase in self._plan:  # every pattern checked before any worker starts
+            match_frozen([n for n, _ in layout.weight_shapes], phase.freeze,
+                         [n for n, _ in layout.theta_shapes])
         checkpoint = load_checkpoint(resume, layout=layout) if resume is not None else None
         if checkpoint is not None and checkpoint.training_state is None:
             raise ValueError(f"{resume!r} holds a state but no training progress; resume needs a "
                              "checkpoint written by the trainer (ModelCheckpoint).")
         self.standardizer = (Standardizer.from_arrays(checkpoint.arrays) if checkpoint else None) \
             or (Standardizer.fit(x_train) if self.standardize else None)
-        self._schedule = self._make_schedule(epochs)
+        self._schedules = [self._make_schedule(epochs)] if self.phases is None else \
+            phase_schedules(self._plan)
+        self._schedule, self._frozen_now = self._schedules[0], ()
         self.model = self._model_with_loss(y_train)
         self._train = Feed(x_train, y_train, self.standardizer, self.memory_limit_bytes)
         self._val = None if x_val is None else Feed(x_val, y_val, self.standardizer,
@@ -164,6 +182,11 @@ class Trainer:
         with self._hold_output_dir(resume):
             self._processor = make_processor(self.model, **self.device_options,
                                              **self.processor_options)
+            if any(p.freeze for p in self._plan) and not hasattr(self._processor, "set_frozen"):
+                self._processor.close()
+                raise ValueError(f"freezing weights needs the engine's processor; "
+                                 f"{type(self._processor).__name__} (the GPU path) cannot. Use "
+                                 "device='cpu', or train without freeze.")
             try:
                 if checkpoint is not None:
                     self._restore(checkpoint, callbacks, resume)
@@ -197,9 +220,11 @@ class Trainer:
         for key, callback in self._callback_keys.items():
             states[key] = callback.get_state()
             arrays.update({f"{key}/{name}": a for name, a in callback.get_arrays().items()})
+        phase = phase_index(self._plan, self._epochs_done - 1) if self._epochs_done else 0
+        schedule = self._schedules[phase]
         trainer = {"epoch": self._epochs_done, "history": self.history.to_dict(),
-                   "schedule": {"type": type(self._schedule).__name__,
-                                "state": self._schedule.get_state()},
+                   "phase": phase + 1, "phases": plan_to_json(self._plan),
+                   "schedule": {"type": type(schedule).__name__, "state": schedule.get_state()},
                    "callbacks": states, "stream_rng": self._stream_rng.bit_generator.state,
                    "signature": self._signature()}
         save_checkpoint(path, self.state, metadata=self._metadata(), arrays=arrays,
@@ -252,6 +277,38 @@ class Trainer:
         self.loss = loss
         return self._base_model.with_loss(loss)
 
+    def _plan_phases(self, epochs):
+        """The phase plan (one phase without ``phases``) and the last epoch; returns epochs."""
+        if self.phases is None:
+            _check_positive_int(epochs, "epochs", "It is the number of the last epoch to train.")
+            freeze = self.freeze or ()
+            self._plan = [Phase(epochs, 0, tuple(freeze) if isinstance(freeze, (list, tuple))
+                                else (freeze,), self.learning_rate, self.schedule, False)]
+            return epochs
+        self._plan = make_plan(self.phases, learning_rate=self.learning_rate,
+                               schedule=self.schedule)
+        total = sum(phase.epochs for phase in self._plan)
+        if epochs is None:
+            return total
+        _check_positive_int(epochs, "epochs", "It is the number of the last epoch to train.")
+        if epochs > total:
+            raise ValueError(f"epochs={epochs} is past the end of the phases ({total} epochs in "
+                             "all). Leave epochs out to train every phase, or add a phase.")
+        return epochs
+
+    def _enter_phase(self, epoch):
+        """At each epoch: the phase's frozen weights, and at a later phase's first epoch a fresh
+        optimizer (reset_optimizer). Returns the phase's index."""
+        index = phase_index(self._plan, epoch)
+        phase = self._plan[index]
+        if epoch == phase.start and index > 0 and phase.reset_optimizer:
+            self._processor.reset_optimizer()
+        if phase.freeze != self._frozen_now:
+            self._processor.set_frozen(list(phase.freeze))
+            self._frozen_now = phase.freeze
+        self._schedule = self._schedules[index]
+        return index
+
     def _make_schedule(self, epochs):
         if isinstance(self.schedule, Schedule):
             return self.schedule
@@ -271,8 +328,8 @@ class Trainer:
         produced = {"loss", "accuracy", "learning_rate"} | (
             {"val_loss", "val_accuracy"} if validating else set())
         wanted = [(type(c).__name__, m) for c in callbacks for m in c.monitors]
-        wanted += [("ReduceLROnPlateau", self._schedule.monitor)] \
-            if hasattr(self._schedule, "monitor") else []
+        wanted += [("ReduceLROnPlateau", schedule.monitor) for schedule in self._schedules
+                   if hasattr(schedule, "monitor")]
         for owner, monitor in wanted:
             if monitor not in produced:
                 raise ValueError(f"{owner} monitors {monitor!r}, which this run does not produce "
@@ -304,8 +361,9 @@ class Trainer:
                           "saved): the run will not match an uninterrupted one.", RuntimeWarning,
                           stacklevel=3)
         schedule = saved.get("schedule", {})
-        if schedule.get("type") == type(self._schedule).__name__:
-            self._schedule.set_state(schedule.get("state", {}))
+        phase = self._schedules[min(len(self._schedules), max(1, int(saved.get("phase", 1)))) - 1]
+        if schedule.get("type") == type(phase).__name__:  # the schedule of the saved epoch's phase
+            phase.set_state(schedule.get("state", {}))
         self._stream_rng.bit_generator.state = saved["stream_rng"]
         for key, callback in self._callback_keys.items():
             if key in saved.get("callbacks", {}):
@@ -321,7 +379,9 @@ class Trainer:
                 "sync": options["sync"], "update_interval": options["update_interval"],
                 "optimizer": repr(self._processor.optimizer), "seed": self.seed,
                 "clip_norm": self.clip_norm, "loss": None if self.loss is None else
-                self.loss.get_config()}
+                self.loss.get_config(),
+                "phases": None if self.phases is None else plan_to_json(self._plan),
+                "freeze": list(self._plan[0].freeze) or None if self.phases is None else None}
 
     def _metadata(self):
         metadata = dict(self.metadata)
@@ -331,6 +391,9 @@ class Trainer:
         metadata["loss"] = None if self.loss is None else self.loss.get_config()
         metadata["num_classes"] = int(self.model.num_outputs)
         metadata["epoch"] = self._epochs_done
+        done = self._epochs_done - 1
+        metadata["phase"] = phase_index(self._plan, done) + 1 if done >= 0 else 0
+        metadata["freeze"] = list(self._plan[max(0, metadata["phase"] - 1)].freeze)
         return metadata
 
     # -- the loop --------------------------------------------------------------------------------
@@ -340,7 +403,9 @@ class Trainer:
             callback.on_train_begin()
         try:
             for epoch in range(self.initial_epoch, self.epochs):
-                learning_rate = float(self._schedule(epoch))
+                phase = self._enter_phase(epoch)
+                in_phase = epoch - self._plan[phase].start  # a phase's schedule runs from 0
+                learning_rate = float(self._schedule(in_phase))
                 for callback in callbacks:
                     callback.on_epoch_begin(epoch, {"learning_rate": learning_rate})
                 began = time.perf_counter()
@@ -351,7 +416,8 @@ class Trainer:
                     logs["val_loss"], logs["val_accuracy"] = self._accuracy(self._val)
                 logs.update(trained)
                 logs["epoch_s"] = time.perf_counter() - began
-                self._schedule.update(epoch, logs)
+                logs["phase"] = phase + 1
+                self._schedule.update(in_phase, logs)
                 self.history.append(epoch + 1, logs)
                 self._epochs_done = epoch + 1
                 for callback in callbacks:
@@ -390,14 +456,14 @@ class Trainer:
         return loss, float(np.mean(probabilities.argmax(axis=1) == feed.y))
 
 
-def fit(model, x, y, *, epochs, validation_data=None, validation_split=0.0, resume=None,
+def fit(model, x, y, *, epochs=None, validation_data=None, validation_split=0.0, resume=None,
         initial_state=None, check_data=True, **options):
     """Train ``model`` on ``(x, y)``; returns a :class:`History` whose ``state`` is the result.
 
     Every keyword of :class:`Trainer` is accepted (``batch_size``, ``num_processes``, ``sync``,
     ``update_interval``, ``optimizer``, ``learning_rate``, ``schedule``, ``loss``, ``clip_norm``,
-    ``grad_accum``, ``callbacks``, ``output_dir``, ``seed``, ``standardize``, ...); the others are
-    those of :meth:`Trainer.fit`.
+    ``grad_accum``, ``callbacks``, ``output_dir``, ``seed``, ``standardize``, ``freeze``,
+    ``phases``, ...); the others are those of :meth:`Trainer.fit`.
     """
     trainer = Trainer(model, **options)
     return trainer.fit(x, y, epochs=epochs, validation_data=validation_data,
