@@ -100,6 +100,7 @@ class Barriers:
         self.doorbell = Doorbell(doorbell)
         self.num_workers = arrivals.shape[1]
         self._counters = [arrivals[kind, :, 0] for kind in range(arrivals.shape[0])]
+        self.always_ring = False  # set when another thread (the cross-node hop) may be waiting
 
     def count(self, kind, worker):
         return int(self.arrivals[kind, worker, 0])
@@ -108,7 +109,7 @@ class Barriers:
         """Record that ``worker`` reached round ``round_number`` (1-based) of ``kind``; ``ring``
         wakes sleepers (False for progress records nobody waits on)."""
         self.arrivals[kind, worker, 0] = round_number
-        if ring and self.num_workers > 1:
+        if ring and (self.num_workers > 1 or self.always_ring):
             self.doorbell.ring()
 
     def passed(self, kind, round_number):
@@ -118,22 +119,25 @@ class Barriers:
                 return False
         return True
 
-    def wait(self, kind, round_number, on_sleep=None, on_wake=None):
+    def wait(self, kind, round_number, on_sleep=None, on_wake=None, only=None):
         """Return once every worker reached ``round_number`` of ``kind``; raise Aborted if the
         pass is aborted meanwhile. ``on_sleep``/``on_wake`` mark the worker as waiting (so the
-        owner's hang detection does not blame a worker that waits for a slow peer)."""
-        if self.passed(kind, round_number):
+        owner's hang detection does not blame a worker that waits for a slow peer). ``only``:
+        wait for that one counter (the owner's NODE_DONE) instead of every worker's."""
+        passed = self.passed if only is None else (
+            lambda kind, number: self._counters[kind][only] >= number)
+        if passed(kind, round_number):
             return
         deadline = time.perf_counter() + self.spin_s
         while time.perf_counter() < deadline:
-            if self.passed(kind, round_number):
+            if passed(kind, round_number):
                 return
         if on_sleep is not None:
             on_sleep()
         try:
             while True:
                 seen = self.doorbell.value()
-                if self.passed(kind, round_number):
+                if passed(kind, round_number):
                     return
                 if self.abort[0]:
                     raise Aborted()

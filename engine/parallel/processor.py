@@ -22,6 +22,7 @@ from engine.parallel.barrier import Barriers
 from engine.parallel.pool import WorkerPool, default_start_method
 from engine.parallel.shm import check_shared_memory_space, sweep_orphaned_blocks
 from engine.parallel.system import usable_cores, worker_core_sets
+from engine.parallel.cross_node import NodeHop
 from engine.parallel.timeline import Timeline
 from engine.parallel.workspace import DataArrays, Workspace
 
@@ -69,6 +70,10 @@ class ParallelBatchProcessor:
             is processed in chunks whose gradients are accumulated (same maths, less memory).
         bind_cores: bind each worker to its own cores (its share of this process's affinity)
             when they fit, as Horovod and DeepSpeed do; False leaves placement to the kernel.
+        cluster: None (one machine), "mpi" (one engine process per node under ``mpirun``/
+            ``srun``: ``batch_size`` is the global batch, each node takes its contiguous share of
+            every step, and the owner averages the node-reduced gradient across nodes between the
+            reduce and the update; see docs/cluster.md), or an ``engine.parallel.cluster.Cluster``.
         timeline: a path: write a Chrome trace (Perfetto, chrome://tracing) of every step's
             compute, wait, reduce and update per worker and of the owner's work, at close()
             (``engine.parallel.timeline``: every step of the first 2,000, then one in 50).
@@ -80,6 +85,7 @@ class ParallelBatchProcessor:
     def __init__(self, model=None, *, num_processes=None, batch_size=50, sync="gradients",
                  update_interval=1, optimizer="adam", seed=0, start_method=None, timeout_s=None,
                  micro_batch_size=None, max_restarts=3, timeline=None, bind_cores=True,
+                 cluster=None,
                  freeze=None):
         check_processor_options(num_processes, batch_size, sync, update_interval, timeout_s,
                                 start_method, seed, micro_batch_size, max_restarts)
@@ -108,6 +114,7 @@ class ParallelBatchProcessor:
         self._data_key = None           # what the data block holds (see _load_data)
         self._rng = np.random.default_rng(self.seed)
         self.timeline = None if timeline is None else Timeline(timeline)
+        self.cluster = _make_cluster(cluster, timeout_s)
         self._frozen_patterns, self._frozen_names, self._running_map = (), (), None
         if freeze:
             self.set_frozen(freeze)
@@ -406,13 +413,16 @@ class ParallelBatchProcessor:
         work.control[ws.SEED] = self.seed
         work.control[ws.MICRO_BATCH] = self.micro_batch_size or 0
         work.control[ws.UPDATE_INTERVAL] = self.update_interval
+        work.control[ws.NODE_COUNT] = 1 if self.cluster is None else self.cluster.size
+        work.control[ws.NODE_RANK] = 0 if self.cluster is None else self.cluster.rank
         kept, self._kept_optimizer = self._kept_optimizer, None
         if self._pending_training_state is not None:
             self._apply_training_state()
         elif kept is not None and kept[0] == layout and kept[1].shape == work.optimizer.shape:
             self._set_step(kept[2], kept[1])
         self._num_outputs = num_outputs
-        self._barriers = Barriers(work.arrivals, work.doorbell, work.abort)
+        # The owner never spins: its waits (the cross-node thread) must leave the cores to workers.
+        self._barriers = Barriers(work.arrivals, work.doorbell, work.abort, spin_s=0.0)
         if shared:
             kernels.warm_up()  # forked workers inherit compiled kernels
             self._holds_sigterm = signals.hold()
@@ -466,8 +476,10 @@ class ParallelBatchProcessor:
             return
         work = self._work
         work.params[:] = state.buffer
+        if self._crosses_nodes():
+            self.cluster.bcast_(work.params)  # every node starts from rank 0's state
         for start, stop in self._running_map.frozen_ranges:  # updates never write them
-            work.versions_of_params[:, start:stop] = state.buffer[start:stop]
+            work.versions_of_params[:, start:stop] = work.params[start:stop]
         work.control[ws.REFRESH] = 1.0
         work.results[:, ws.SINCE_SYNC] = 0.0
         self._steps_since_average = 0
@@ -497,10 +509,16 @@ class ParallelBatchProcessor:
         self._executor.reset_restart_budget()
         # A failed call leaves the optimizer as it was at its start (the state is the caller's).
         saved_optimizer = work.optimizer.copy() if kind == ws.TRAIN else None
+        hop = self._start_hop(kind, num_steps, clip_norm, end)
         ran = time.perf_counter()
         try:
             self._executor.run(ops.RUN_PASS, base)
+            if hop is not None:
+                hop.join()
         except BaseException:
+            if hop is not None:
+                hop.error = None
+                hop.join()
             if self._work is not None and saved_optimizer is not None:
                 self._set_step(base, saved_optimizer)
             self.close()
@@ -514,12 +532,41 @@ class ParallelBatchProcessor:
             self._finish_training_pass(base, num_steps, end)
         results = _collect(data.records[:num_steps], data.step_learning_rates[:num_steps],
                            kind, self.sync, ran, ended)
+        if hop is not None and self.sync == "gradients":  # the global figures, same on every node
+            done = len(hop.losses)
+            results["loss"][:done], results["grad_norm"][:done] = hop.losses, hop.norms
+            results["examples"][:] = [min(self.batch_size, rows - k * self.batch_size)
+                                      for k in range(num_steps)]
+            results["mean_loss"] = float(np.dot(results["loss"], results["examples"]) /
+                                         results["examples"].sum())
         results["peak_rss_bytes"] = work.results[:, ws.PEAK_RSS].astype(np.int64)
         results["restarts"] = restarts
         results["micro_batch_changes"], self._micro_batch_changes = self._micro_batch_changes, []
         if kind == ws.EVALUATE:
             results["predictions"] = data.predictions[:rows].copy()
         return results
+
+    def _crosses_nodes(self):
+        return self.cluster is not None and self.cluster.size > 1
+
+    def _start_hop(self, kind, num_steps, clip_norm, end):
+        """The owner's cross-node thread for a training pass across nodes, or None."""
+        control = self._work.control
+        crossing = kind == ws.TRAIN and self._crosses_nodes()
+        control[ws.CROSS_NODE] = 1.0 if crossing else 0.0
+        # Evaluation runs the whole data on every node (nothing to exchange).
+        control[ws.NODE_COUNT] = self.cluster.size if crossing else 1
+        if not crossing:
+            return None
+        since, interval = self._steps_since_average, self.update_interval
+        averages = (since + num_steps) // interval - since // interval
+        if end != ws.END_NONE and (since + num_steps) % interval:
+            averages += 1
+        self._barriers.always_ring = True  # the owner's thread and the workers wait on each other
+        hop = NodeHop(self.cluster, self._work, self._data, self._barriers)
+        hop.start(num_steps, clip_norm, self.sync, averages,
+                  into_reduced=end == ws.END_MEAN_INTO_REDUCED and (since + num_steps) % interval)
+        return hop
 
     def _finish_training_pass(self, base, num_steps, end):
         work, records = self._work, self._data.records
@@ -589,6 +636,13 @@ class InProcessExecutor:
 
     def close(self):
         self.core = None
+
+
+def _make_cluster(cluster, timeout_s):
+    if cluster is None or hasattr(cluster, "mean_"):
+        return cluster
+    from engine.parallel.cluster import make_cluster  # imports mpi4py only when asked for
+    return make_cluster(cluster, timeout_s=timeout_s)
 
 
 def _data_key(examples, labels):

@@ -131,6 +131,7 @@ class WorkerCore:
     def run_pass(self):
         """Run (or, for a replacement, resume) the pass planned in ``control``."""
         control = self.work.control
+        self.barriers.always_ring = bool(control[ws.CROSS_NODE])
         try:
             if int(control[ws.PASS_KIND]) == ws.EVALUATE:
                 self._evaluate_pass()
@@ -153,6 +154,13 @@ class WorkerCore:
         """Bounds of this worker's shard of pass step ``k`` (positions in the pass's order)."""
         first = k * batch_size
         size = min(batch_size, rows - first)
+        nodes = int(self.work.control[ws.NODE_COUNT])
+        if nodes > 1:  # this node's contiguous share of the global batch
+            share = self._splits.get(("node", size))
+            if share is None:
+                share = self._splits[("node", size)] = split_batch(size, nodes)
+            rank = int(self.work.control[ws.NODE_RANK])
+            first, size = first + int(share[rank]), int(share[rank + 1] - share[rank])
         bounds = self._splits.get(size)
         if bounds is None:
             bounds = self._splits[size] = split_batch(size, self.num_workers)
@@ -189,6 +197,10 @@ class WorkerCore:
     def _wait(self, kind, round_number):
         self.barriers.wait(kind, round_number, self._sleeping, self._awake)
 
+    def _wait_node(self, round_number):
+        """Wait for the owner's cross-node step number ``round_number`` (NODE_DONE)."""
+        self.barriers.wait(ws.NODE_DONE, round_number, self._sleeping, self._awake, only=0)
+
     # -- sync="gradients" ------------------------------------------------------------------------
     def _gradient_pass(self):
         barriers, i, control = self.barriers, self.worker_id, self.work.control
@@ -197,6 +209,10 @@ class WorkerCore:
         clip_norm = None if math.isnan(clip_norm) else float(clip_norm)
         records, rates = self.data.records, self.data.step_learning_rates
         coefficients = self._coefficients
+        # Across nodes the owner's thread joins every step between reduce and update
+        # (engine.parallel.cross_node), and decides for all nodes whether a step is finite.
+        cross_node = bool(control[ws.CROSS_NODE])
+        barriers.always_ring = cross_node
         k = barriers.count(ws.UPDATED, i)  # steps completed (by this worker or its predecessor)
         # The hot loop: per step a few dozen scalar reads and writes; the small per-step checks
         # run on Python floats (row.tolist()), which beats numpy reductions over a few workers.
@@ -212,23 +228,29 @@ class WorkerCore:
             computed = row.tolist()
             total = 0.0
             for w, fields in enumerate(computed):
-                if not (math.isfinite(fields[ws.R_LOSS]) and
-                        math.isfinite(fields[ws.R_GRAD_SQUARES])):
+                if not cross_node and not (math.isfinite(fields[ws.R_LOSS]) and
+                                           math.isfinite(fields[ws.R_GRAD_SQUARES])):
                     return self._stop(k)
                 total += fields[ws.R_COUNT]
             for w, fields in enumerate(computed):
                 coefficients[w] = fields[ws.R_COUNT] / total
             self._beat(step)
-            if clip_norm is None:
+            if clip_norm is None and not cross_node:
                 record[ws.R_SUM_SQUARES] = self._reduce_slice(coefficients, record)
                 scale = 1.0
             else:
                 if barriers.count(ws.REDUCED, i) <= k:
                     record[ws.R_SUM_SQUARES] = self._reduce_slice(coefficients, record)
                     barriers.arrive(ws.REDUCED, i, k + 1)
-                self._wait(ws.REDUCED, k + 1)
-                squares = sum(fields[ws.R_SUM_SQUARES] for fields in row.tolist())
-                scale = clip_scale(math.sqrt(squares), clip_norm)
+                if cross_node:
+                    self._wait_node(k + 1)
+                    if control[ws.HOP_STOP]:
+                        return self._stop(k)
+                    scale = float(control[ws.HOP_SCALE])
+                else:
+                    self._wait(ws.REDUCED, k + 1)
+                    squares = sum(fields[ws.R_SUM_SQUARES] for fields in row.tolist())
+                    scale = clip_scale(math.sqrt(squares), clip_norm)
             record[ws.R_REDUCED] = time.perf_counter()
             record[ws.R_NON_FINITE] = self._update_slice(step, rates[k], scale)
             record[ws.R_UPDATED] = time.perf_counter()
@@ -389,6 +411,9 @@ class WorkerCore:
                                 stop)
         barriers.arrive(ws.AVERAGE_OUT, i, j + 1)
         self._wait(ws.AVERAGE_OUT, j + 1)
+        if work.control[ws.CROSS_NODE]:
+            barriers.always_ring = True
+            self._wait_node(j + 1)  # the owner averages across nodes (engine.parallel.cross_node)
         if into_params:
             self._refresh()
 

@@ -25,8 +25,9 @@ from engine.parallel.shm import SharedBlock
 
 # Pass plan fields (float64 array ``control``), written by the owner before it starts a pass.
 (LEARNING_RATE, STEP, CLIP_NORM, SEED, NUM_STEPS, MICRO_BATCH, ROWS, PASS_KIND, BATCH_SIZE,
- SINCE_AVERAGE, END_AVERAGE, UPDATE_INTERVAL, REFRESH, ORDERED) = range(14)
-NUM_CONTROL = 16
+ SINCE_AVERAGE, END_AVERAGE, UPDATE_INTERVAL, REFRESH, ORDERED, CROSS_NODE, HOP_STOP, HOP_SCALE,
+ NODE_RANK, NODE_COUNT) = range(19)
+NUM_CONTROL = 24
 TRAIN, EVALUATE = 0, 1                       # PASS_KIND
 END_NONE, END_AVERAGE_STATES, END_MEAN_INTO_REDUCED = 0, 1, 2   # END_AVERAGE (states mode)
 # Per-worker fields (float64 array ``results[i]``), written by worker i.
@@ -43,7 +44,8 @@ DIRTY_UPDATE, DIRTY_REFRESH = 1.0, 2.0      # DIRTY: what a worker was writing i
  R_COMPUTED, R_REDUCED, R_UPDATED, R_ENDED) = range(11)
 NUM_RECORDS = 12
 # Barrier kinds (rows of ``arrivals``): see engine.parallel.barrier.
-COMPUTED, REDUCED, UPDATED, LOCAL_DONE, AVERAGE_IN, AVERAGE_OUT, EVALUATED = range(7)
+# NODE_DONE is written by the owner's cross-node thread (engine.parallel.cross_node) in slot 0.
+COMPUTED, REDUCED, UPDATED, LOCAL_DONE, AVERAGE_IN, AVERAGE_OUT, EVALUATED, NODE_DONE = range(8)
 NUM_BARRIERS = 8
 
 
