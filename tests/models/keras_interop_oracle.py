@@ -159,19 +159,33 @@ def task_sgd(cases, learning_rate):
 
 
 def task_not_supported():
-    """The error of from_keras on a model with an unsupported layer."""
+    """from_keras's error message on small models that each hold one unsupported layer."""
     import keras
     from keras import layers
     from models.keras_interop import from_keras
-    inputs = keras.Input((8, 3))
-    x = layers.Conv1D(4, 3, name="conv")(inputs)
-    x = layers.SimpleRNN(4, name="simple_rnn")(x)
-    outputs = layers.Dense(2, activation="softmax", name="out")(x)
-    try:
-        from_keras(keras.Model(inputs, outputs))
-    except ValueError as error:
-        return str(error)
-    return None
+
+    def model_with(make):
+        inputs = keras.Input((8, 3))
+        x = make(layers.Conv1D(4, 3, name="conv")(inputs))
+        return keras.Model(inputs, layers.Dense(2, activation="softmax", name="out")(x))
+
+    makers = {
+        "simple_rnn": lambda x: layers.SimpleRNN(4, name="simple_rnn")(x),
+        "dilated": lambda x: layers.Flatten()(layers.Conv1D(2, 2, dilation_rate=2,
+                                                            name="dilated")(x)),
+        "dense_over_time": lambda x: layers.Flatten()(layers.Dense(3, name="dense_over_time")(x)),
+        "cross_attention": lambda x: layers.Flatten()(layers.MultiHeadAttention(
+            2, 2, name="cross_attention")(x, layers.Conv1D(4, 1)(x))),
+        "tanh_lstm": lambda x: layers.LSTM(3, recurrent_dropout=0.1, name="tanh_lstm")(x),
+    }
+    messages = {}
+    for name, make in makers.items():
+        try:
+            from_keras(model_with(make))
+            messages[name] = None
+        except ValueError as error:
+            messages[name] = str(error)
+    return messages
 
 
 def task_tape(specs, seed):
