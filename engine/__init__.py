@@ -10,8 +10,10 @@ checkpoints, data) <- ``engine.cli``.
 from engine.core.errors import (EngineError, InsufficientMemoryError, NonFiniteLossError,
                                 WorkerCrashedError, WorkerError, WorkerTimeoutError)
 from engine.core.optim import SGD, Adam, AdamW
+from engine.core.protocol import ModelContractError
 from engine.core.state import NetworkState
 from engine.parallel.processor import ParallelBatchProcessor
+from engine.parallel.shm import SharedMemoryFullError
 from engine.parallel.system import usable_cores
 from engine.training.history import History
 from engine.training.inference import Predictor
@@ -20,5 +22,5 @@ from engine.training.trainer import Trainer, evaluate, fit
 __all__ = ["Adam", "AdamW", "EngineError", "InsufficientMemoryError", "NetworkState",
            "NonFiniteLossError", "ParallelBatchProcessor", "SGD", "WorkerCrashedError",
            "WorkerError", "WorkerTimeoutError", "usable_cores", "History", "Trainer", "evaluate",
-           "fit", "Predictor"]
+           "fit", "Predictor", "ModelContractError", "SharedMemoryFullError"]
 __version__ = "0.1.0"

@@ -102,7 +102,7 @@ def test_workers_exit_by_themselves_when_the_owner_is_killed():
     assert blocks_of(script.pid) == []
     import glob
     import tempfile
-    assert not glob.glob(os.path.join(tempfile.gettempdir(), f"engine_{script.pid}_logs_*"))
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), f"engine_{script.pid}_*logs_*"))
 
 
 def test_workers_keep_their_state_between_calls_without_restarting(blobs):
