@@ -90,7 +90,9 @@ def _import_mpi():
     try:
         import mpi4py
         if "mpi4py.MPI" not in sys.modules:
-            mpi4py.rc.thread_level = "funneled"  # only the main thread calls MPI
+            # One thread at a time calls MPI, not always the main one (the processor's
+            # cross-node thread does): MPI_THREAD_SERIALIZED.
+            mpi4py.rc.thread_level = "serialized"
         from mpi4py import MPI
     except ImportError as error:
         raise ImportError(
@@ -104,7 +106,8 @@ class Cluster:
     """This node's place among the nodes of an MPI job, and the collectives the engine needs.
 
     Every method is collective: all ranks call it in the same order with buffers of the same
-    size. Only the calling thread (the node's engine process) uses MPI.
+    size. One thread of the node's engine process at a time may call it (MPI is initialised
+    with MPI_THREAD_SERIALIZED); workers never do.
 
     Args:
         comm: an mpi4py communicator (``MPI.COMM_WORLD``), one rank per node.
