@@ -170,13 +170,17 @@ class Cluster:
         return (total_loss / total_examples if total_examples else float("nan")), total_examples
 
     def sum_(self, values):
-        """The sum over ranks of up to MAX_VALUES float64 ``values``, added in rank order (the
-        same bits on every rank). Returns a new float64 array."""
-        values = np.asarray(values, np.float64).ravel()
-        if values.size > MAX_VALUES:
-            raise ValueError(f"sum_ takes at most {MAX_VALUES} values. Received: {values.size}. "
-                             "Use mean_ for large buffers.")
-        return self._roll_call(_SUM, values)
+        """The sum over ranks of float64 ``values`` (e.g. a pass's per-step losses times
+        examples), the same bits on every rank. Up to MAX_VALUES ride in the roll call, added in
+        rank order; more take one in-place Allreduce. Returns a new float64 array."""
+        values = np.array(values, np.float64).ravel()
+        if values.size <= MAX_VALUES:
+            return self._roll_call(_SUM, values)
+        self._roll_call(_SUM, [], values.size)
+        if self.size > 1:
+            self._transfer(lambda: self.comm.Allreduce(self.MPI.IN_PLACE, values,
+                                                       op=self.MPI.SUM), _SUM)
+        return values
 
     def bcast_(self, buffer):
         """Overwrite ``buffer`` (a numpy array, same shape and dtype on every rank) with rank 0's."""

@@ -28,6 +28,7 @@ def test_mean_weights_nodes_by_examples_and_is_identical_on_every_rank(run_mpi, 
         assert result["examples"] == result["expected_examples"] == 37 + 91
         # sums in rank order: the same bits on both ranks, tiny terms kept.
         assert result["sums"] == [0.25 + 1.25, 2.0, 1e-17 + 2e-17]
+        assert result["many_ok"]
         assert result["bcast"] == list(np.arange(10, dtype=np.float32).astype(float))
     assert first["digest"] == second["digest"]  # every rank holds the same reduced bytes
     assert first["share"] == [0, 51] and second["share"] == [51, 101]

@@ -31,6 +31,8 @@ expected_loss = float(np.dot(counts, [item[2] for item in inputs]) / counts.sum(
 prescaled = node_inputs(rank)[0] * np.float32(examples / counts.sum())
 cluster.mean_(prescaled, examples, loss, scaled=True)
 sums = cluster.sum_([rank + 0.25, 1.0, 1e-17 * (rank + 1)])
+many = cluster.sum_(np.arange(1000, dtype=np.float64) * (rank + 1))  # past the roll call's room
+many_ok = bool(np.array_equal(many, np.arange(1000) * sum(r + 1 for r in range(size))))
 state = np.arange(10, dtype=np.float32) * (rank + 1)
 cluster.bcast_(state)
 cluster.barrier()
@@ -52,5 +54,6 @@ print("RESULT " + json.dumps(dict(
     loss=got_loss, expected_loss=expected_loss, examples=got_examples,
     expected_examples=float(counts.sum()), sums=sums.tolist(),
     bcast=state.tolist(), digest=digest, share=cluster.node_share(101),
-    gathered_ok=bool(np.array_equal(gathered, rows)), disagreement=disagreement)), flush=True)
+    gathered_ok=bool(np.array_equal(gathered, rows)), disagreement=disagreement,
+    many_ok=many_ok)), flush=True)
 cluster.close()
