@@ -12,7 +12,7 @@ import time
 
 from engine.training.schedules import make_schedule
 
-__all__ = ["DEFAULTS", "parse_model_args", "build_model", "build_loss", "build_schedule",
+__all__ = ["DEFAULTS", "parse_model_args", "parse_phases", "build_phases", "build_model", "build_loss", "build_schedule",
            "build_callbacks", "default_output_dir"]
 
 # Tuned for the bundled MNIST-1D with the paper's CNN: Adam 1e-2, batch 100 (see docs/cli.md).
@@ -24,7 +24,7 @@ DEFAULTS = {
     "warmup_epochs": 0, "min_lr": 0.0, "step_epochs": 30, "lr_factor": 0.1, "plateau_patience": 10,
     "clip_norm": None, "grad_accum": 1, "val_split": 0.1, "test_split": 0.2, "standardize": False,
     "early_stopping": None, "monitor": "val_loss", "checkpoint_every": None, "tensorboard": False,
-    "export_keras": False,
+    "export_keras": False, "freeze": None, "phases": None,
     "output_dir": None, "resume": None, "seed": 0, "progress": True,
     "device": "auto", "mixed_precision": False, "xla": False, "timeout": None,
 }
@@ -49,6 +49,70 @@ def parse_model_args(pairs):
         except (ValueError, SyntaxError):
             values[key] = text
     return values
+
+
+_PHASE_KEYS = ("epochs", "freeze", "lr", "schedule", "reset_optimizer")
+
+
+def parse_phases(text):
+    """``"epochs=5,freeze=conv*,lr=1e-3; epochs=10,lr=1e-4"`` -> a list of phase dicts.
+
+    Phases are separated by ``;``, their fields by ``,``; ``freeze`` takes fnmatch patterns
+    separated by ``|`` (empty: nothing frozen), ``lr`` and ``schedule`` default to ``--lr`` and
+    ``--schedule``, ``reset_optimizer`` (true/false) to true. Returns JSON-safe dicts.
+    """
+    phases = []
+    for number, chunk in enumerate((part.strip() for part in text.split(";")), 1):
+        if not chunk:
+            continue
+        phase = {}
+        for field in (f.strip() for f in chunk.split(",")):
+            key, sep, value = field.partition("=")
+            key = key.strip()
+            if not sep or key not in _PHASE_KEYS:
+                raise ValueError(f"--phases: phase {number} has {field!r}; a phase is key=value "
+                                 f"fields separated by commas, keys {list(_PHASE_KEYS)}, e.g. "
+                                 "'epochs=5,freeze=conv*,lr=1e-3; epochs=10,lr=1e-4'.")
+            value = value.strip()
+            try:
+                if key == "epochs":
+                    phase[key] = int(value)
+                elif key == "lr":
+                    phase[key] = float(value)
+                elif key == "freeze":
+                    phase[key] = [p.strip() for p in value.split("|") if p.strip()]
+                elif key == "reset_optimizer":
+                    if value.lower() not in ("true", "false"):
+                        raise ValueError(value)
+                    phase[key] = value.lower() == "true"
+                else:
+                    phase[key] = value
+            except ValueError:
+                raise ValueError(f"--phases: phase {number}: {key}={value!r} is not valid (epochs "
+                                 "is an int, lr a number, reset_optimizer true or false).") \
+                    from None
+        if "epochs" not in phase:
+            raise ValueError(f"--phases: phase {number} ({chunk!r}) names no epochs=N.")
+        phases.append(phase)
+    if not phases:
+        raise ValueError(f"--phases names no phase. Received: {text!r}.")
+    return phases
+
+
+def build_phases(config):
+    """The trainer's phase plan for ``config["phases"]`` (each phase's schedule built from the
+    run's schedule options over the phase's epochs at its rate), or None."""
+    if not config.get("phases"):
+        return None
+    plan = []
+    for phase in config["phases"]:
+        rate = phase.get("lr", config["lr"])
+        schedule = build_schedule({**config, "lr": rate, "epochs": phase["epochs"],
+                                   "schedule": phase.get("schedule", config["schedule"])})
+        plan.append(dict(epochs=phase["epochs"], freeze=phase.get("freeze", []),
+                         learning_rate=rate, schedule=schedule,
+                         reset_optimizer=phase.get("reset_optimizer", True)))
+    return plan
 
 
 def build_model(name, model_args, feature_shape, num_classes):

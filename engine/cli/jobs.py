@@ -19,8 +19,8 @@ import numpy as np
 
 from engine.training.callbacks import Callback
 from engine.training.checkpoint import load_checkpoint
-from engine.cli.config import (build_callbacks, build_loss, build_model, build_schedule,
-                           default_output_dir, to_json)
+from engine.cli.config import (build_callbacks, build_loss, build_model, build_phases,
+                           build_schedule, default_output_dir, to_json)
 from engine.training.datasets import (DataError, Dataset, Standardizer, Subset, check_every_class,
                              check_features, check_labels, load_dataset, stratified_split)
 from engine.cli.reports import write_report
@@ -139,6 +139,11 @@ def run_train(config, *, out=None):
     """
     out = out or sys.stdout
     config = dict(config)
+    if config.get("phases") and config.get("freeze"):
+        raise ValueError("--freeze and --phases do not combine: give each phase its frozen "
+                         "weights (e.g. --phases 'epochs=5,freeze=conv*; epochs=10').")
+    if config.get("phases") and config.get("epochs") is None:  # every phase's epochs
+        config["epochs"] = sum(int(phase["epochs"]) for phase in config["phases"])
     config["output_dir"] = output_dir = _run_folder(config)
     if config["resume"]:
         done = load_checkpoint(config["resume"]).trainer.get("epoch", 0)
@@ -179,6 +184,7 @@ def _build(config, output_dir):
         verbose=config["progress"], device=config["device"],
         mixed_precision=config["mixed_precision"], xla=config["xla"],
         timeout_s=_timeout(config), overwrite=config.get("overwrite", False),
+        freeze=config.get("freeze"), phases=build_phases(config),
         metadata={"config": to_json(config), "model_name": config["model"],
                   "model_args": to_json(model_args)})
     return trainer, data, model, model_args
@@ -201,6 +207,11 @@ def _train_in(output_dir, config, data, model, model_args, trainer, out):
           f"{' x ' + str(config['grad_accum']) if config['grad_accum'] > 1 else ''}, "
           f"{config['optimizer']} lr {config['lr']} ({config['schedule']}), "
           f"{config['epochs']} epochs", file=out, flush=True)
+    for number, phase in enumerate(config.get("phases") or (), 1):
+        print(f"phase {number}: {phase['epochs']} epochs, lr {phase.get('lr', config['lr'])}, "
+              f"frozen {phase.get('freeze') or 'nothing'}", file=out)
+    if config.get("freeze"):
+        print(f"frozen: {config['freeze']}", file=out)
     history = trainer.fit(data.x_train, data.y_train, epochs=config["epochs"],
                           validation_data=None if data.x_val is None else (data.x_val, data.y_val),
                           resume=config["resume"], check_data=False)  # prepare_data checked it

@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 
-from engine.cli.config import DEFAULTS, parse_model_args
+from engine.cli.config import DEFAULTS, parse_model_args, parse_phases
 from engine.core.errors import EngineError
 
 __all__ = ["main", "build_parser"]
@@ -84,6 +84,12 @@ def _add_train_arguments(parser):
         "without improvement of --monitor, restoring the best state")
     add("--monitor", help="metric early stopping and the plateau schedule watch (best.h5 "
         "always keeps the lowest val_loss)" + _default("monitor"))
+    add("--freeze", action="append", metavar="PATTERN", help="keep the weights whose names match "
+        "this fnmatch pattern fixed for the whole run, repeatable (e.g. 'conv1d_1/*'; a pattern "
+        "that matches nothing is refused with the list of names)")
+    add("--phases", metavar="PLAN", help="a phase plan, e.g. 'epochs=5,freeze=conv*,lr=1e-3; "
+        "epochs=10,lr=1e-4' (fields epochs, freeze=P1|P2, lr, schedule, reset_optimizer); "
+        "--epochs defaults to their total")
     group = parser.add_argument_group("parallelism")
     group.add_argument("--workers", type=int, help="worker processes (default: every usable core)")
     group.add_argument("--sync", choices=("gradients", "states"), help=_default("sync").strip())
@@ -172,6 +178,9 @@ def _train_config(args):
     given = {key: value for key, value in vars(args).items() if key not in _NOT_CONFIG}
     if "model_args" in given:
         given["model_args"] = parse_model_args(given["model_args"])
+    if "phases" in given:
+        given["phases"] = parse_phases(given["phases"])
+        given.setdefault("epochs", None)  # the phases' total (engine.cli.jobs.run_train)
     config = dict(DEFAULTS)
     if given.get("resume"):
         from engine.training.checkpoint import load_checkpoint
