@@ -78,6 +78,9 @@ class Trainer:
             ``[dict(epochs=5, freeze=["conv*"], learning_rate=1e-3), dict(epochs=10,
             learning_rate=1e-4)]`` (``engine.training.phases``); history and checkpoints record
             the phase, and a resumed run continues in the phase of its epoch.
+        cluster: None, or "mpi" under ``mpirun``/``srun`` (one process per node, each with its
+            workers; docs/cluster.md): every rank ends with the same state; only rank 0 writes
+            output_dir and shows progress.
     """
 
     def __init__(self, model, *, batch_size=32, num_processes=None, sync="gradients",
@@ -85,7 +88,7 @@ class Trainer:
                  loss=None, clip_norm=None, grad_accum=1, callbacks=(), output_dir=None, seed=0,
                  standardize=False, verbose=True, metadata=None, memory_limit_bytes=None,
                  start_method=None, timeout_s="auto", device="auto", mixed_precision=False,
-                 xla=False, overwrite=False, freeze=None, phases=None):
+                 xla=False, overwrite=False, freeze=None, phases=None, cluster=None):
         if freeze and phases is not None:
             raise ValueError("give freeze= or phases=, not both: with a phase plan, each phase "
                              "names its own frozen weights (dict(epochs=..., freeze=[...])).")
@@ -126,9 +129,29 @@ class Trainer:
             timeout_s=WARM_UP_TIMEOUT_S if timeout_s == "auto" else timeout_s)
         # Keras models go to tf.distribute when GPUs are there (engine.backends.device).
         self.device_options = dict(device=device, mixed_precision=mixed_precision, xla=xla)
+        self.cluster = self._join_cluster(cluster, device)
         self.state, self.history, self.standardizer = None, History(), None
         self.stop_training, self.epochs, self.initial_epoch = False, 0, 0
         self._processor = None
+
+    def _join_cluster(self, cluster, device):
+        """The Cluster for ``cluster=`` (None on one machine); on ranks other than 0, no files and
+        no progress bar: rank 0 writes for every rank, whose states are the same."""
+        if cluster is None:
+            return None
+        if device == "gpu":
+            raise ValueError("cluster= runs on the engine's CPU workers, not the GPU path. "
+                             f"Received: device={device!r}, cluster={cluster!r}. Use "
+                             "device='cpu' (or 'auto').")
+        from engine.parallel.cluster import make_cluster
+        timeout_s = self.processor_options["timeout_s"]
+        joined = cluster if hasattr(cluster, "mean_") else make_cluster(cluster,
+                                                                        timeout_s=timeout_s)
+        self.device_options["device"] = "cpu"
+        self.processor_options["cluster"] = joined
+        if not joined.is_root:
+            self.output_dir, self.verbose = None, False
+        return joined
 
     # -- public API ------------------------------------------------------------------------------
     def fit(self, x, y, *, epochs=None, validation_data=None, validation_split=0.0, resume=None,
