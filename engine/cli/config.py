@@ -27,6 +27,7 @@ DEFAULTS = {
     "export_keras": False, "freeze": None, "phases": None,
     "output_dir": None, "resume": None, "seed": 0, "progress": True,
     "device": "auto", "mixed_precision": False, "xla": False, "timeout": None,
+    "cluster": None,
 }
 
 

@@ -13,6 +13,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,9 +151,12 @@ def run_train(config, *, out=None):
         if done >= config["epochs"]:
             raise ValueError(f"{config['resume']} has already trained {done} epochs: pass --epochs "
                              f"above {done} to continue, or use 'engine evaluate' to report on it.")
+    cluster = _join_cluster(config)
+    if cluster is not None and not cluster.is_root:
+        return _train_on_other_rank(config, cluster)
     folder = dict(resuming=bool(config["resume"]), overwrite=config.get("overwrite", False))
     check_run_folder(output_dir, **folder)  # a busy or occupied folder fails before data is read
-    trainer, data, model, model_args = _build(config, output_dir)
+    trainer, data, model, model_args = _build(config, output_dir, cluster)
     if config.get("export_keras"):
         _check_keras_export(model, config["model"])
     with hold_run_folder(output_dir, **folder):
@@ -170,7 +174,27 @@ def _check_keras_export(model, name):
                          "form (no to_keras). Use a model built from models.layers.")
 
 
-def _build(config, output_dir):
+def _join_cluster(config):
+    """The Cluster of ``--cluster mpi`` (None on one machine)."""
+    if not config.get("cluster"):
+        return None
+    from engine.parallel.cluster import make_cluster
+    timeout = _timeout(config)
+    return make_cluster(config["cluster"], timeout_s=None if timeout == "auto" else timeout)
+
+
+def _train_on_other_rank(config, cluster):
+    """A rank other than 0 runs the same data, steps and callbacks as rank 0 (early stopping
+    must stop every rank alike) into a private folder that is removed, and prints nothing:
+    rank 0 writes the run folder for every rank, whose states are the same."""
+    with tempfile.TemporaryDirectory(prefix=f"engine_rank{cluster.rank}_") as scratch, \
+            open(os.devnull, "w") as quiet:
+        config = dict(config, output_dir=scratch, progress=False)
+        trainer, data, model, model_args = _build(config, scratch, cluster)
+        return _train_in(scratch, config, data, model, model_args, trainer, quiet)
+
+
+def _build(config, output_dir, cluster=None):
     data = prepare_data(config)
     model, model_args = build_model(config["model"], config["model_args"], data.feature_shape,
                                     data.num_classes)
@@ -184,7 +208,7 @@ def _build(config, output_dir):
         verbose=config["progress"], device=config["device"],
         mixed_precision=config["mixed_precision"], xla=config["xla"],
         timeout_s=_timeout(config), overwrite=config.get("overwrite", False),
-        freeze=config.get("freeze"), phases=build_phases(config),
+        freeze=config.get("freeze"), phases=build_phases(config), cluster=cluster,
         metadata={"config": to_json(config), "model_name": config["model"],
                   "model_args": to_json(model_args)})
     return trainer, data, model, model_args

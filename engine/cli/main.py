@@ -105,6 +105,9 @@ def _add_train_arguments(parser):
                        "whose step phase takes longer is killed and replaced; 0 turns it off "
                        "(default: auto, 300 s in the first epoch, then the larger of 60 s and 20x "
                        "the median step time)")
+    group.add_argument("--cluster", choices=("mpi",), help="run across nodes: one process per "
+                       "node under mpirun or srun, each with its workers; rank 0 writes the "
+                       "results (docs/cluster.md)")
     _add_shm_dir(group)
     group = parser.add_argument_group("output")
     group.add_argument("--output-dir", metavar="DIR", help="results folder (default: "

@@ -57,9 +57,10 @@ def run_mpi():
         pytest.skip("mpi4py is not installed: pip install -e .[mpi]")
 
     def run(script, *args, np=2, timeout_s=120, mpirun_args=(), bind="none"):
+        program = list(script) if isinstance(script, (list, tuple)) else \
+            [os.path.join(SCRIPTS, script)]  # a list: Python arguments, e.g. ["-m", "engine"]
         command = [mpirun, "-np", str(np), "--oversubscribe", "--bind-to", bind,
-                   *mpirun_args, sys.executable, os.path.join(SCRIPTS, script),
-                   *map(str, args)]
+                   *mpirun_args, sys.executable, *program, *map(str, args)]
         began = time.monotonic()
         completed = subprocess.run(command, env=mpi_environment(), capture_output=True,
                                    text=True, timeout=timeout_s, cwd=ROOT)
