@@ -37,20 +37,32 @@ class LayerModel:
         """Number of trainable values."""
         return sum(math.prod(shape) for shape in self.weight_shapes.values())
 
-    def loss_and_grads(self, state, x, y, *, rng=None):
+    def loss_and_grads(self, state, x, y, *, rng=None, out=None):
         """Mean cross-entropy and its gradient in training mode; ``state`` is not modified.
 
         Args:
             state: a ``NetworkState`` from ``init_state`` (or a copy, average or checkpoint of one).
             x: float32 examples, shape (n, *input_shape). y: integer labels, shape (n,).
             rng: ``np.random.Generator`` for dropout masks; a fresh ``default_rng()`` if None.
+            out: optional dict of float32 arrays keyed like ``state.weights`` (the engine's
+                gradient slot): the gradients are written there (layers that can, such as Dense,
+                write them straight from their matrix products) and ``out`` is returned.
 
         Returns:
             ``(loss, grads)``, or ``(loss, grads, theta)`` if the model has theta: the running
             statistics after this step. ``grads`` has the keys and shapes of ``state.weights``.
         """
         x, y = self._check_batch(x, y)
-        loss, grads, theta = self.forward_backward(state.weights, state.theta, x, y, rng=rng)
+        if out is not None and getattr(self, "writes_into_out", False):
+            loss, grads, theta = self.forward_backward(state.weights, state.theta, x, y, rng=rng,
+                                                       out=out)
+        else:
+            loss, grads, theta = self.forward_backward(state.weights, state.theta, x, y, rng=rng)
+        if out is not None:
+            for name, target in out.items():
+                if grads[name] is not target:
+                    np.copyto(target, grads[name])
+            grads = out
         return (loss, grads, theta) if self.theta_shapes else (loss, grads)
 
     def predict(self, state, x):
@@ -175,10 +187,14 @@ class Sequential(LayerModel):
         """The last layer's output for ``x``, from plain dicts of arrays, in ``x``'s dtype."""
         return self._forward(weights, theta, x, training=training, rng=rng)[0]
 
-    def forward_backward(self, weights, theta, x, y, *, rng=None):
+    writes_into_out = True  # forward_backward takes out= (see loss_and_grads)
+
+    def forward_backward(self, weights, theta, x, y, *, rng=None, out=None):
         """The dtype-generic core of ``loss_and_grads`` on plain dicts of arrays, unchecked.
 
-        Returns ``(loss, grads, new_theta)``; runs in float64 when given float64 arrays.
+        Returns ``(loss, grads, new_theta)``; runs in float64 when given float64 arrays. With
+        ``out`` (float32 arrays by full weight name), layers that accept ``out=`` in ``backward``
+        write their gradients there.
         """
         if rng is None and self._uses_rng:
             rng = np.random.default_rng()
@@ -187,9 +203,12 @@ class Sequential(LayerModel):
         grads, new_theta = {}, {}
         for index in reversed(range(self._first_trainable, len(self.layers))):
             layer, (_, weight_names, theta_names) = self.layers[index], self._plan[index]
+            options = {}
+            if out is not None and weight_names and getattr(layer, "writes_into_out", False):
+                options["out"] = {local: out[full] for local, full in weight_names}
             gradient, layer_grads = layer.backward(
                 {local: weights[full] for local, full in weight_names}, caches[index], gradient,
-                need_input_grad=index > self._first_trainable)
+                need_input_grad=index > self._first_trainable, **options)
             grads.update({full: layer_grads[local] for local, full in weight_names})
         for index, (_, _, theta_names) in enumerate(self._plan):
             if theta_names:

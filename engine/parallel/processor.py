@@ -649,8 +649,9 @@ def _data_key(examples, labels):
     """What identifies a data set between calls: the array objects themselves (weakly), their
     memory, shape and dtype, and the bytes of a fingerprint of rows spread over them."""
     if not (isinstance(examples, np.ndarray) and isinstance(labels, np.ndarray)) or \
-            len(examples) == 0:
-        return None
+            examples.ndim == 0 or labels.ndim != 1 or len(examples) == 0 or \
+            len(labels) != len(examples):
+        return None  # not reusable: check_data says what is wrong
     rows = np.unique(np.linspace(0, len(examples) - 1, _FINGERPRINT_ROWS).astype(np.int64))
     fingerprint = hash(np.ascontiguousarray(examples[rows]).tobytes() +
                        np.ascontiguousarray(labels[rows % len(labels)]).tobytes())

@@ -54,14 +54,21 @@ class Dense(Layer):
             return y, (x, y)
         return y, x
 
-    def backward(self, weights, cache, dy, *, need_input_grad=True):
+    writes_into_out = True  # backward(out=...) writes the gradients into given arrays
+
+    def backward(self, weights, cache, dy, *, need_input_grad=True, out=None):
         if self.activation == "relu":
             x, y = cache
             dy = dy * (y > 0)
         else:
             x = cache
         # x.T and kernel.T are strided views: BLAS reads them transposed, nothing is copied.
-        grads = {"kernel": x.T @ dy, "bias": dy.sum(axis=0)}
+        if out is not None and out["kernel"].dtype == dy.dtype:
+            np.matmul(x.T, dy, out=out["kernel"])  # straight into the engine's gradient slot
+            np.sum(dy, axis=0, out=out["bias"])
+            grads = out
+        else:
+            grads = {"kernel": x.T @ dy, "bias": dy.sum(axis=0)}
         return (dy @ weights["kernel"].T if need_input_grad else None), grads
 
 
