@@ -62,15 +62,17 @@ def test_one_example_gives_one_row_of_probabilities_without_starting_a_process(
         assert predictor.predict_classes(x[:5]).dtype == np.int64
 
 
-def test_large_inputs_use_one_pool_kept_across_calls_and_match_in_process(trained_run):
+def test_large_inputs_use_one_pool_kept_across_calls_and_match_in_process(trained_run,
+                                                                          live_children):
     path, _, x, _ = trained_run
     with Predictor.from_checkpoint(path, num_processes=1) as serial:
         expected = serial(x)
     with Predictor.from_checkpoint(path, num_processes=2, parallel_min_examples=100) as predictor:
         first = predictor(x)
-        pids = predictor._processor.worker_pids
+        pids = sorted(child.pid for child in live_children())
         second = predictor(x[:300])
-        assert len(pids) == 2 and predictor._processor.worker_pids == pids  # no restart per call
+        assert len(pids) == 2 and sorted(c.pid for c in live_children()) == pids  # kept
+    assert live_children() == []  # close() stopped them
     # The same forward pass on other chunk sizes: float32 rounding of BLAS only.
     np.testing.assert_allclose(first, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(second, expected[:300], rtol=1e-5, atol=1e-6)
