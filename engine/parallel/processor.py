@@ -532,7 +532,13 @@ class ParallelBatchProcessor:
             self._finish_training_pass(base, num_steps, end)
         results = _collect(data.records[:num_steps], data.step_learning_rates[:num_steps],
                            kind, self.sync, ran, ended)
-        if hop is not None and self.sync == "gradients":  # the global figures, same on every node
+        if hop is not None and self.sync == "states":  # the nodes' losses, one exchange a pass
+            counts = results["examples"].astype(np.float64)
+            exchanged = np.concatenate([counts * results["loss"], counts]).astype(np.float32)
+            self.cluster.mean_(exchanged, 1.0)  # every node weighs 1: the mean over nodes
+            sums, totals = np.split(exchanged.astype(np.float64) * self.cluster.size, 2)
+            results["loss"] = sums / np.maximum(totals, 1.0)
+        if hop is not None:  # the global figures, same on every node
             done = len(hop.losses)
             results["loss"][:done], results["grad_norm"][:done] = hop.losses, hop.norms
             results["examples"][:] = [min(self.batch_size, rows - k * self.batch_size)

@@ -40,7 +40,7 @@ class ThreadCluster:
 
 def _two_nodes(blobs, epochs, workers_per_node, **options):
     shared = dict(values=[None, None], barrier=threading.Barrier(2))
-    finals, errors = [None, None], []
+    finals, errors, losses = [None, None], [], [None, None]
 
     def node(rank):
         try:
@@ -48,8 +48,8 @@ def _two_nodes(blobs, epochs, workers_per_node, **options):
                                         cluster=ThreadCluster(rank, shared), **options) as p:
                 state = MODEL.init_state(rank)  # rank 1's differs: the bcast makes it rank 0's
                 for _ in range(epochs):
-                    state, _ = p.run_parallel(*blobs, state, {"learning_rate": 0.05})
-                finals[rank] = state
+                    state, results = p.run_parallel(*blobs, state, {"learning_rate": 0.05})
+                finals[rank], losses[rank] = state, (results["loss"], results["examples"])
         except BaseException as error:  # noqa: BLE001 - reported by the test
             errors.append(error)
             shared["barrier"].abort()
@@ -61,6 +61,7 @@ def _two_nodes(blobs, epochs, workers_per_node, **options):
         thread.join(timeout=120)
     if errors:
         raise errors[0]
+    _two_nodes.losses = losses
     return finals
 
 
@@ -70,6 +71,9 @@ def test_two_nodes_of_one_worker_equal_one_node_of_two(blobs, sync, interval):
                    sync=sync, update_interval=interval)  # 101: uneven node shares
     first, second = _two_nodes(blobs, 2, 1, **options)
     np.testing.assert_array_equal(first.buffer, second.buffer)
+    (loss_0, examples_0), (loss_1, examples_1) = _two_nodes.losses
+    np.testing.assert_array_equal(loss_0, loss_1)  # the global losses, the same on every node
+    assert examples_0.tolist() == examples_1.tolist() == [101] * 5 + [95]
     with ParallelBatchProcessor(MODEL, num_processes=2, **options) as processor:
         state = MODEL.init_state(0)
         for _ in range(2):
