@@ -24,7 +24,7 @@ DEFAULTS = {
     "warmup_epochs": 0, "min_lr": 0.0, "step_epochs": 30, "lr_factor": 0.1, "plateau_patience": 10,
     "clip_norm": None, "grad_accum": 1, "val_split": 0.1, "test_split": 0.2, "standardize": False,
     "early_stopping": None, "monitor": "val_loss", "checkpoint_every": None, "tensorboard": False,
-    "export_keras": False, "freeze": None, "phases": None,
+    "export_keras": False, "freeze": None, "phases": None, "init_from": None,
     "output_dir": None, "resume": None, "seed": 0, "progress": True,
     "device": "auto", "mixed_precision": False, "xla": False, "timeout": None,
     "cluster": None,

@@ -236,9 +236,12 @@ def _train_in(output_dir, config, data, model, model_args, trainer, out):
               f"frozen {phase.get('freeze') or 'nothing'}", file=out)
     if config.get("freeze"):
         print(f"frozen: {config['freeze']}", file=out)
+    initial = None if config["resume"] or not config.get("init_from") else \
+        _initial_state(model, config["init_from"], config["seed"], out)
     history = trainer.fit(data.x_train, data.y_train, epochs=config["epochs"],
                           validation_data=None if data.x_val is None else (data.x_val, data.y_val),
-                          resume=config["resume"], check_data=False)  # prepare_data checked it
+                          resume=config["resume"], check_data=False,  # prepare_data checked it
+                          initial_state=initial)
     if hasattr(model, "save_keras"):  # a Keras model: also export the trained .keras file
         model.save_keras(history.state, os.path.join(output_dir, "model.keras"))
     test = trainer.evaluate(data.x_test, data.y_test)
@@ -259,6 +262,31 @@ def _train_in(output_dir, config, data, model, model_args, trainer, out):
     written = sorted(name for name in os.listdir(output_dir) if not name.startswith("."))
     print(f"results in {os.path.abspath(output_dir)}: {', '.join(written)}", file=out)
     return results
+
+
+def _initial_state(model, path, seed, out):
+    """--init-from: the model's initial state with every array of the same name and shape taken
+    from the state or checkpoint at ``path`` (a pretrained base; a new head keeps its
+    initialisation). Raises ValueError when nothing matches."""
+    from engine.core.state import NetworkState
+    source = NetworkState.load(path)
+    state = model.init_state(seed)
+    taken, kept = [], []
+    for kind in ("weights", "theta"):
+        given = getattr(source, kind)
+        for name, array in getattr(state, kind).items():
+            if name in given and given[name].shape == array.shape:
+                array[...] = given[name]
+                taken.append(name)
+            else:
+                kept.append(name)
+    if not taken:
+        raise ValueError(f"--init-from {path}: no array of it has a name and shape of this model "
+                         f"(it has {list(source.weights)}; the model {list(state.weights)}). "
+                         "Start from a checkpoint of the same architecture.")
+    print(f"init from {path}: {len(taken)} arrays taken"
+          + (f", {len(kept)} kept at their initialisation: {kept}" if kept else ""), file=out)
+    return state
 
 
 def run_evaluate(checkpoint_path, *, data=None, split="test", output_dir=None, workers=None,

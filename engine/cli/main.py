@@ -87,6 +87,9 @@ def _add_train_arguments(parser):
     add("--freeze", action="append", metavar="PATTERN", help="keep the weights whose names match "
         "this fnmatch pattern fixed for the whole run, repeatable (e.g. 'conv1d_1/*'; a pattern "
         "that matches nothing is refused with the list of names)")
+    add("--init-from", metavar="CHECKPOINT", help="start from the arrays of this state or "
+        "checkpoint whose names and shapes match (a pretrained base; a new head keeps its "
+        "initialisation); a new run, unlike --resume")
     add("--phases", metavar="PLAN", help="a phase plan, e.g. 'epochs=5,freeze=conv*,lr=1e-3; "
         "epochs=10,lr=1e-4' (fields epochs, freeze=P1|P2, lr, schedule, reset_optimizer); "
         "--epochs defaults to their total")

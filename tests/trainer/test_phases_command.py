@@ -70,3 +70,20 @@ def test_freeze_keeps_the_named_weights_and_a_bad_pattern_fails_in_one_line(data
     assert "'head*' matches no weight" in error and "conv1d_1/kernel" in error
     assert _train(data_folder, tmp_path / "c", "--phases", "epochs=1", "--freeze", "conv*") == 1
     assert "do not combine" in capsys.readouterr().err
+
+
+def test_init_from_takes_the_matching_arrays_and_keeps_a_new_head(data_folder, tmp_path, capsys):
+    assert _train(data_folder, tmp_path / "base", "--epochs", "1") == 0
+    base = NetworkState.load(tmp_path / "base" / "model.h5")
+    x, y = np.load(data_folder / "features.npy"), np.load(data_folder / "labels.npy")
+    keep = y < 2
+    np.savez(tmp_path / "two.npz", x=x[keep], y=y[keep])
+    capsys.readouterr()
+    assert _train(tmp_path / "two.npz", tmp_path / "tuned", "--init-from",
+                  str(tmp_path / "base" / "model.h5"), "--phases", "epochs=1,freeze=conv*") == 0
+    assert "6 arrays taken, 2 kept at their initialisation: ['dense_8/kernel', 'dense_8/bias']" \
+        in capsys.readouterr().out
+    tuned = NetworkState.load(tmp_path / "tuned" / "model.h5")
+    for name in ("conv1d_1/kernel", "conv1d_3/bias", "conv1d_5/kernel"):   # frozen base
+        assert np.array_equal(tuned.weights[name], base.weights[name]), name
+    assert tuned.weights["dense_8/kernel"].shape == (8, 2)
