@@ -132,6 +132,9 @@ class Cluster:
         self._watchdog = _Watchdog(self)
         _abort_on_uncaught_exception(comm)
         self.last_wait_s = self.last_transfer_s = 0.0
+        # Running totals for timing reports: the roll call (waiting for the slowest node, plus
+        # latency), the scaling pass and the transfer (the data crossing nodes).
+        self.totals = dict(roll_call_s=0.0, scale_s=0.0, transfer_s=0.0, collectives=0)
 
     @property
     def is_root(self):
@@ -164,7 +167,9 @@ class Cluster:
             if total_examples <= 0:
                 raise ValueError("cannot average across nodes that together hold no examples.")
             if not scaled:
+                began = time.perf_counter()
                 np.multiply(buffer, np.float32(examples / total_examples), out=buffer)
+                self.totals["scale_s"] += time.perf_counter() - began
             self._transfer(lambda: self.comm.Allreduce(self.MPI.IN_PLACE, buffer,
                                                        op=self.MPI.SUM), _MEAN)
         return (total_loss / total_examples if total_examples else float("nan")), total_examples
@@ -262,6 +267,8 @@ class Cluster:
             raise self._fail(self._mpi_failure(error, kind)) from None
         self._check_in_step(kind, sequence)
         self.last_wait_s = time.perf_counter() - began
+        self.totals["roll_call_s"] += self.last_wait_s
+        self.totals["collectives"] += 1
         count = len(values)
         return self._inbox[:, _HEADER:_HEADER + count].sum(axis=0)
 
@@ -294,6 +301,7 @@ class Cluster:
             except self.MPI.Exception as error:
                 raise self._fail(self._mpi_failure(error, kind)) from None
         self.last_transfer_s = time.perf_counter() - began
+        self.totals["transfer_s"] += self.last_transfer_s
 
     def _mpi_failure(self, error, kind):
         """A ClusterError for an MPI error; under ULFM the failed ranks are known."""
