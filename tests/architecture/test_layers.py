@@ -55,3 +55,10 @@ def test_tensorflow_is_imported_only_by_backends_and_the_keras_zoo():
                _imports(path)):
             offenders.append(str(path.relative_to(ROOT)))
     assert offenders == [], f"TensorFlow imported outside engine/backends and the zoo: {offenders}"
+
+
+def test_test_modules_have_unique_names():
+    # tests/ has no packages, so pytest imports test files by basename: two of one name break
+    # collection of the whole suite.
+    names = [path.name for path in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted({name for name in names if names.count(name) > 1}) == []
