@@ -100,13 +100,18 @@ def fault_injecting(core_class, faults):
 
         def _update_slice(self, step, learning_rate, scale):
             strike(faults, "update", step)
+            # The real update on the first half of the slice (in the compact numbering of the
+            # trainable values: frozen weights are skipped), so it can die half written.
+            pieces, theta = self.weight_pieces, self.theta_pieces
             start, stop = self.weight_slice
             middle = (start + stop) // 2
-            work = self.work
-            non_finite = self.optimizer.update_into(
-                work.params_at(step + 1), work.optimizer_at(step + 1)[0], work.params_at(step),
-                work.optimizer_at(step)[0], work.averaged, start, middle, learning_rate,
-                step + 1, scale)
+            self.weight_pieces = [(low, low + min(high - low, middle - compact), compact)
+                                  for low, high, compact in pieces if compact < middle]
+            self.theta_pieces = []
+            try:
+                non_finite = super()._update_slice(step, learning_rate, scale)
+            finally:
+                self.weight_pieces, self.theta_pieces = pieces, theta
             strike(faults, "update_mid", step)
             return non_finite + super()._update_slice(step, learning_rate, scale)
 

@@ -227,3 +227,29 @@ def test_freezing_later_keeps_the_frozen_weights_optimizer_entries_as_they_were(
     assert np.array_equal(after[..., weights], before[..., weights])
     assert not np.array_equal(after[..., ~weights], before[..., ~weights])
     assert np.array_equal(second.buffer[mask], first.buffer[mask])
+
+
+@pytest.mark.parametrize("sync,faults", [
+    ("gradients", "kill@1:3"), ("gradients", "kill@0:4:reduce_mid"),
+    ("gradients", "kill@1:5:update_mid"), ("gradients", "kill@0:6:update_mid"),
+    ("states", "kill@1:3:average"), ("states", "kill@0:4:local_step")])
+def test_a_worker_dying_with_frozen_weights_ends_bitwise_as_without_the_fault(blobs, monkeypatch,
+                                                                              sync, faults):
+    model = _model()
+    start = model.init_state(seed=9)
+    x, y = blobs[0][:495], blobs[1][:495]   # 9 steps
+
+    def run():
+        with ParallelBatchProcessor(model, num_processes=2, batch_size=55, sync=sync,
+                                    update_interval=2, freeze=["conv1d_3/*", "dense_8/bias"],
+                                    seed=2) as processor:
+            state, results = processor.run_parallel(x, y, start, {"learning_rate": 0.01})
+            return state, results["restarts"], processor.frozen
+
+    expected, _, names = run()
+    monkeypatch.setenv("ENGINE_TEST_FAULTS", faults)
+    state, restarts, _ = run()
+    assert len(restarts) == 1
+    np.testing.assert_array_equal(state.buffer, expected.buffer)
+    mask = _frozen_mask(start, names)
+    assert np.array_equal(state.buffer[mask], start.buffer[mask])
