@@ -253,3 +253,25 @@ def test_a_worker_dying_with_frozen_weights_ends_bitwise_as_without_the_fault(bl
     np.testing.assert_array_equal(state.buffer, expected.buffer)
     mask = _frozen_mask(start, names)
     assert np.array_equal(state.buffer[mask], start.buffer[mask])
+
+
+@pytest.mark.parametrize("batch_size", [41, 7])
+def test_states_sync_with_plain_sgd_and_frozen_weights_matches_one_process(blobs, batch_size):
+    """Averaging local plain-SGD steps weighted by shard size is one SGD step on the whole batch
+    (the update is linear in the gradient), so with update_interval=1 states mode on 2 processes
+    equals the one-process run with the same freezing, uneven shards included."""
+    model = _model()
+    start = model.init_state(seed=10)
+    x, y = blobs[0][:batch_size], blobs[1][:batch_size]
+    states = []
+    for num_processes in (1, 2):
+        with ParallelBatchProcessor(model, num_processes=num_processes, batch_size=batch_size,
+                                    sync="states", optimizer="sgd",
+                                    freeze=["conv1d_1/*", "dense_8/kernel"]) as processor:
+            state = start
+            for _ in range(3):
+                state, _ = processor.process_batch(x, y, state, {"learning_rate": 0.05})
+            states.append(state)
+            mask = _frozen_mask(start, processor.frozen)
+    np.testing.assert_allclose(states[1].buffer, states[0].buffer, rtol=RTOL, atol=ATOL)
+    assert np.array_equal(states[1].buffer[mask], start.buffer[mask])
