@@ -115,7 +115,7 @@ class ParallelBatchProcessor:
         self._rng = np.random.default_rng(self.seed)
         self.timeline = None if timeline is None else Timeline(timeline)
         self.cluster = _make_cluster(cluster, timeout_s)
-        self._frozen_patterns, self._frozen_names, self._running_map = (), (), None
+        self._frozen_names, self._running_map = (), None
         if freeze:
             self.set_frozen(freeze)
 
@@ -213,12 +213,11 @@ class ParallelBatchProcessor:
             raise ValueError("freeze needs a model whose weight names the patterns match. Pass "
                              "model=... to ParallelBatchProcessor.")
         if not patterns:
-            self._frozen_patterns, self._frozen_names = (), ()
+            self._frozen_names = ()
             return ()
         layout = self._layout or self.model.init_state(self.seed).layout
         names = match_frozen([n for n, _ in layout.weight_shapes], patterns,
                              [n for n, _ in layout.theta_shapes])
-        self._frozen_patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
         self._frozen_names = names
         return names
 
