@@ -1,6 +1,6 @@
 """Freezing a Keras model's layers by name in the engine: the frozen arrays stay bitwise, and one
-plain-SGD step moves every other array exactly as the unfrozen step does (a gradient does not
-depend on which weights will be stepped), on 2 worker processes."""
+plain-SGD step moves every other array as the unfrozen step does, to float32 rounding (a
+gradient does not depend on which weights will be stepped), on 2 worker processes."""
 import functools
 
 import numpy as np
