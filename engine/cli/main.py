@@ -1,4 +1,4 @@
-"""The ``engine`` command line: ``train``, ``evaluate``, ``predict``, ``bench``, ``info``, ``models``.
+"""The ``engine`` command line: train, evaluate, predict, bench, info and models.
 
     python -m engine train                      # MNIST-1D, the paper's CNN, every usable core
     python -m engine train --data my_folder/ --model mlp --model-arg hidden=256,128 --epochs 30
