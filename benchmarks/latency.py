@@ -93,7 +93,8 @@ def _keras_stack(model, state, keras):
                 stack.append(layers.ZeroPadding1D(padding))
                 padding = "valid"
             stack.append(layers.Conv1D(layer.filters, layer.kernel_size, strides=layer.stride,
-                                       padding=padding, activation=getattr(layer, "activation", None)))
+                                       padding=padding,
+                                       activation=getattr(layer, "activation", None)))
             kernels.append((stack[-1], f"conv1d_{index}"))
         elif kind == "Dense":
             last = index == len(model.layers) - 1

@@ -81,7 +81,8 @@ def test_large_inputs_use_one_pool_kept_across_calls_and_match_in_process(traine
 def test_predictor_refuses_wrong_shapes_and_non_finite_inputs(trained_run):
     path, _, x, _ = trained_run
     with Predictor.from_checkpoint(path, num_processes=1) as predictor:
-        with pytest.raises(ValueError, match=r"shape \(12,\).*Received an array of shape \(5, 11\)"):
+        with pytest.raises(ValueError, match=r"shape \(12,\).*Received an array of shape "
+                                             r"\(5, 11\)"):
             predictor(x[:5, :11])
         bad = x[:6].copy()
         bad[4, 3] = np.nan
