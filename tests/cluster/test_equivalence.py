@@ -50,9 +50,6 @@ def test_two_nodes_of_one_worker_equal_one_node_of_two(run_mpi, blobs, sync, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="states mode across nodes reports each node's own loss "
-                   "per step, not the global batch's: the processor's cross-node thread averages "
-                   "the states but does not combine the losses (Cluster.sum_ can)")
 def test_states_mode_across_nodes_reports_the_global_batch_loss(run_mpi, blobs, tmp_path):
     run, _, (_, expected_losses) = _run_both(run_mpi, blobs, "states", tmp_path)
     for rank in (0, 1):
