@@ -87,9 +87,21 @@ class NodeHop:
 
     def _averages(self, averages, into_reduced):
         work, barriers = self.work, self.barriers
+        # Frozen weights are equal on every node: only the trainable weights and theta travel
+        # (a mean of equal float32 values need not give them back bitwise).
+        ranges = list(work.spec.get("weight_ranges") or ((0, work.spec["num_weights"]),))
+        ranges.append((work.spec["num_weights"], work.spec["num_values"]))
         for j in range(averages):
             barriers.wait(ws.AVERAGE_OUT, j + 1)
             examples = float(work.results[:, ws.SINCE_SYNC].sum())
             target = work.reduced if (into_reduced and j == averages - 1) else work.params
-            self.cluster.mean_(target, examples)
+            if len(ranges) == 2 and ranges[0] == (0, work.spec["num_weights"]):
+                self.cluster.mean_(target, examples)
+            else:
+                compact = np.concatenate([target[a:b] for a, b in ranges])
+                self.cluster.mean_(compact, examples)
+                offset = 0
+                for a, b in ranges:
+                    target[a:b] = compact[offset:offset + b - a]
+                    offset += b - a
             barriers.arrive(ws.NODE_DONE, OWNER, j + 1)

@@ -92,3 +92,14 @@ def test_a_non_finite_step_on_one_node_stops_both_at_the_same_step(blobs):
     examples[5] = 1e38  # overflows in the first layer of whichever node gets row 5's batch
     with pytest.raises(NonFiniteLossError):
         _two_nodes((examples, labels), 1, 1, batch_size=50, optimizer="sgd", seed=0)
+
+
+@pytest.mark.parametrize("sync", ["gradients", "states"])
+def test_frozen_weights_stay_bitwise_across_nodes(blobs, sync):
+    frozen = sorted(MODEL.init_state(0).weights)[0]
+    first, second = _two_nodes(blobs, 1, 1, batch_size=64, optimizer="adam", seed=2, sync=sync,
+                               update_interval=2, freeze=[frozen])
+    start = MODEL.init_state(0)
+    for state in (first, second):
+        np.testing.assert_array_equal(state.weights[frozen], start.weights[frozen])
+    np.testing.assert_array_equal(first.buffer, second.buffer)
