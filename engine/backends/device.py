@@ -20,7 +20,7 @@ DEVICES = ("auto", "cpu", "gpu")
 ENGINE, TF_DISTRIBUTE = "engine", "tf_distribute"
 # Options of ParallelBatchProcessor that mean nothing to MirroredProcessor.
 _ENGINE_ONLY = ("num_processes", "update_interval", "start_method", "timeout_s",
-                "micro_batch_size", "max_restarts")
+                "micro_batch_size", "max_restarts", "timeline", "bind_cores", "cluster")
 _gpus = None
 
 

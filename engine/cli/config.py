@@ -26,7 +26,7 @@ DEFAULTS = {
     "early_stopping": None, "monitor": "val_loss", "checkpoint_every": None, "tensorboard": False,
     "export_keras": False, "freeze": None, "phases": None, "init_from": None,
     "output_dir": None, "resume": None, "seed": 0, "progress": True,
-    "device": "auto", "mixed_precision": False, "xla": False, "timeout": None,
+    "device": "auto", "mixed_precision": False, "xla": False, "timeout": None, "timeline": None,
     "cluster": None,
 }
 

@@ -121,6 +121,13 @@ class _WriteConfig(Callback):
             json.dump(self.config, f, indent=2)
 
 
+def _timeline_path(config, output_dir):
+    path = config.get("timeline")
+    if not path:
+        return None
+    return path if os.path.isabs(path) else os.path.join(output_dir, path)
+
+
 def _timeout(config):
     value = config.get("timeout")
     if value is None:
@@ -209,6 +216,7 @@ def _build(config, output_dir, cluster=None):
         mixed_precision=config["mixed_precision"], xla=config["xla"],
         timeout_s=_timeout(config), overwrite=config.get("overwrite", False),
         freeze=config.get("freeze"), phases=build_phases(config), cluster=cluster,
+        timeline=_timeline_path(config, output_dir),
         metadata={"config": to_json(config), "model_name": config["model"],
                   "model_args": to_json(model_args)})
     return trainer, data, model, model_args

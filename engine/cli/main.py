@@ -108,6 +108,9 @@ def _add_train_arguments(parser):
                        "whose step phase takes longer is killed and replaced; 0 turns it off "
                        "(default: auto, 300 s in the first epoch, then the larger of 60 s and 20x "
                        "the median step time)")
+    group.add_argument("--timeline", metavar="PATH", help="write a Chrome trace (Perfetto, "
+                       "chrome://tracing) of every step's compute, wait, reduce and update per "
+                       "worker to PATH (relative paths go in the run folder)")
     group.add_argument("--cluster", choices=("mpi",), help="run across nodes: one process per "
                        "node under mpirun or srun, each with its workers; rank 0 writes the "
                        "results (docs/cluster.md)")

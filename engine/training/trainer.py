@@ -78,6 +78,8 @@ class Trainer:
             ``[dict(epochs=5, freeze=["conv*"], learning_rate=1e-3), dict(epochs=10,
             learning_rate=1e-4)]`` (``engine.training.phases``); history and checkpoints record
             the phase, and a resumed run continues in the phase of its epoch.
+        timeline: a path for a Chrome trace of every step (``ParallelBatchProcessor(timeline=)``),
+            written when training ends; on a cluster only rank 0 writes it.
         cluster: None, or "mpi" under ``mpirun``/``srun`` (one process per node, each with its
             workers; docs/cluster.md): every rank ends with the same state; only rank 0 writes
             output_dir and shows progress.
@@ -88,7 +90,8 @@ class Trainer:
                  loss=None, clip_norm=None, grad_accum=1, callbacks=(), output_dir=None, seed=0,
                  standardize=False, verbose=True, metadata=None, memory_limit_bytes=None,
                  start_method=None, timeout_s="auto", device="auto", mixed_precision=False,
-                 xla=False, overwrite=False, freeze=None, phases=None, cluster=None):
+                 xla=False, overwrite=False, freeze=None, phases=None, cluster=None,
+                 timeline=None):
         if freeze and phases is not None:
             raise ValueError("give freeze= or phases=, not both: with a phase plan, each phase "
                              "names its own frozen weights (dict(epochs=..., freeze=[...])).")
@@ -126,7 +129,7 @@ class Trainer:
             num_processes=num_processes, batch_size=batch_size * grad_accum, sync=sync,
             update_interval=update_interval, optimizer=optimizer, seed=seed,
             micro_batch_size=micro, start_method=start_method,
-            timeout_s=WARM_UP_TIMEOUT_S if timeout_s == "auto" else timeout_s)
+            timeout_s=WARM_UP_TIMEOUT_S if timeout_s == "auto" else timeout_s, timeline=timeline)
         # Keras models go to tf.distribute when GPUs are there (engine.backends.device).
         self.device_options = dict(device=device, mixed_precision=mixed_precision, xla=xla)
         self.cluster = self._join_cluster(cluster, device)
@@ -151,6 +154,7 @@ class Trainer:
         self.processor_options["cluster"] = joined
         if not joined.is_root:
             self.output_dir, self.verbose = None, False
+            self.processor_options["timeline"] = None
         return joined
 
     # -- public API ------------------------------------------------------------------------------
