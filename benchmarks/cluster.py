@@ -8,7 +8,9 @@ Two ranks on one machine stand for two nodes, each bound to its own core (unboun
 busy-polling allreduce shares cores with each other and with neighbours and swings 0.4-40 ms for
 1M values): the cross-node figures are then Open MPI's shared-memory transport, the best case of
 a real link; docs/cluster.md turns them and the link speeds into the cost model. The in-node
-parts run on rank 0 with its affinity widened to every core while rank 1 waits. What is timed, for P in {1M, 4M, 16M, 64M} float32, in rounds whose
+parts run on rank 0 with its affinity widened to every core while rank 1 waits.
+
+What is timed, for P in {1M, 4M, 16M, 64M} float32, in rounds whose
 order rotates (the memory bandwidth drifts and must hit every side alike), each sample started
 by both ranks together:
 * ``cross_node_mean``: ``Cluster.mean_`` as a step pays it (roll call with the example counts,
@@ -27,7 +29,8 @@ worker with ``cluster="mpi"`` and, interleaved, on one node x 1 worker with the 
 the batch (128): ``step_efficiency`` = that single-node step time / the 2-node step time (1.0:
 crossing nodes costs nothing), both timed as one ``process_batch`` call started by both ranks
 together. The 2-node step is split into compute, in-node sync (reduce + update), cross-node sync
-(scaling + transfer) and cross-node wait (the roll call: waiting for the slower node). Last line: ``cluster allreduce_ms_16m=X step_efficiency=Y``.
+(scaling + transfer) and cross-node wait (the roll call: waiting for the slower node).
+Last line: ``cluster allreduce_ms_16m=X step_efficiency=Y``.
 """
 import _common  # noqa: F401 - first: puts the repository root on sys.path
 
@@ -214,7 +217,7 @@ def measure_cluster_step(cluster, plan):
     return record
 
 
-# -- the cost model ---------------------------------------------------------------------------------
+# -- the cost model ------------------------------------------------------------------------------
 # Link figures that two ranks on one machine cannot measure, stated as assumptions: Open MPI over
 # TCP reaches about 80% of the line rate on large messages, and one small message takes about
 # 30 us across a switch. The rest comes from this run.

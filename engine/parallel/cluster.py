@@ -12,40 +12,31 @@ slower than the blocking one here (its schedule progresses only inside ``Test``)
 collective is two phases:
 
 1. **Roll call** (non-blocking, Python-side deadline). Every rank sends every peer one small
-   float64 message ``[sequence, kind, count, size, values...]`` and waits for the peers' messages with
-   ``Test``: a few polls (~30 us), then short growing sleeps (20 us to 1 ms, never a hot spin). The messages carry the
-   small sums (examples, loss) themselves, added in rank order so every rank gets the same bits.
-   A peer whose message has not come by ``timeout_s`` is named: it died, hangs or is slower than
-   the timeout. A message of another sequence or kind means the ranks run different steps.
-2. **Transfer** (the blocking ``Allreduce``/``Bcast``, all ranks known to be there). A watchdog
-   thread holds a deadline over it: a peer that dies mid-transfer, or a SIGTERM/SIGINT that the
-   blocked main thread cannot handle, makes the watchdog unlink this process's shared memory,
-   kill its workers and ``os._exit`` (the launcher then ends the job).
+   float64 message ``[sequence, kind, count, size, values...]`` and waits for the peers' messages
+   with ``Test``: a few polls (~30 us), then short growing sleeps (20 us to 1 ms, never a hot
+   spin). The messages carry the small sums (examples, loss) themselves, added in rank order so
+   every rank gets the same bits. A peer whose message has not come by ``timeout_s`` is named:
+   it died, hangs or is slower than the timeout. A message of another sequence or kind means the
+   ranks run different steps.
+2. **Transfer** (the blocking ``Allreduce``/``Bcast``, all ranks known to be there), under the
+   deadline of ``mpi_guard.Watchdog``: a peer that dies mid-transfer, or a SIGTERM/SIGINT that
+   the blocked main thread cannot handle, ends this process cleanly (shared memory unlinked,
+   workers killed) and the launcher then ends the job.
 
 After a failure the communicator is unusable: later calls raise, and at exit this process calls
-``MPI_Abort`` instead of ``MPI_Finalize`` (which would hang on the dead peer), so the launcher
-stops every rank. Under ``mpirun --with-ft ulfm`` a dead peer is an MPI error instead, and its
-rank is taken from ``Comm.Get_failed``.
+``MPI_Abort`` instead of ``MPI_Finalize`` (``mpi_guard.register_abort``; finalizing would hang on
+the dead peer), so the launcher stops every rank. Under ``mpirun --with-ft ulfm`` a dead peer is
+an MPI error instead, and its rank is taken from ``Comm.Get_failed``.
 """
-import atexit
-import gc
-import os
-import select
-import shutil
-import signal
 import socket
 import sys
-import tempfile
-import threading
 import time
-import weakref
 
 import numpy as np
-import psutil
 
 from engine.core.errors import EngineError
 from engine.core.sharding import split_batch
-from engine.parallel.shm import PREFIX, _unlink_quietly, blocks_of
+from engine.parallel.mpi_guard import Watchdog, abort_on_uncaught_exception, register_abort
 
 CLUSTERS = (None, "mpi")
 DEFAULT_TIMEOUT_S = 300.0
@@ -129,8 +120,8 @@ class Cluster:
         self._outbox = np.zeros(_HEADER + MAX_VALUES, np.float64)
         self._inbox = np.zeros((self.size, _HEADER + MAX_VALUES), np.float64)
         self._failure = None
-        self._watchdog = _Watchdog(self)
-        _abort_on_uncaught_exception(comm)
+        self._watchdog = Watchdog(self)
+        abort_on_uncaught_exception(comm)
         self.last_wait_s = self.last_transfer_s = 0.0
         # Running totals for timing reports: the roll call (waiting for the slowest node, plus
         # latency), the scaling pass and the transfer (the data crossing nodes).
@@ -188,7 +179,8 @@ class Cluster:
         return values
 
     def bcast_(self, buffer):
-        """Overwrite ``buffer`` (a numpy array, same shape and dtype on every rank) with rank 0's."""
+        """Overwrite ``buffer`` (a numpy array, the same shape and dtype on every rank) with rank
+        0's."""
         if not isinstance(buffer, np.ndarray) or not buffer.flags.c_contiguous:
             raise TypeError(f"bcast_ needs a C-contiguous numpy array. Received: {type(buffer)}.")
         self._roll_call(_BCAST, [], buffer.nbytes)
@@ -218,8 +210,9 @@ class Cluster:
         row_size = int(np.prod(local.shape[1:], dtype=np.int64))
         bounds = split_batch(int(total_rows), self.size)
         if len(local) != bounds[self.rank + 1] - bounds[self.rank]:
+            share = bounds[self.rank + 1] - bounds[self.rank]
             raise ValueError(f"gather_rows got {len(local)} rows from rank {self.rank}, whose "
-                             f"share of {total_rows} is {bounds[self.rank + 1] - bounds[self.rank]}.")
+                             f"share of {total_rows} is {share}.")
         out = np.empty((int(total_rows), *local.shape[1:]), local.dtype)
         self._roll_call(_GATHER, [], int(total_rows) * row_size)
         if self.size == 1:
@@ -275,7 +268,8 @@ class Cluster:
     def _check_in_step(self, kind, sequence):
         size = int(self._outbox[3])
         for peer in self._peers:
-            their_sequence, their_kind, _, their_size = (int(v) for v in self._inbox[peer, :_HEADER])
+            their_sequence, their_kind, _, their_size = (int(value) for value in
+                                                         self._inbox[peer, :_HEADER])
             if (their_sequence, their_kind, their_size) != (sequence, kind, size):
                 raise self._fail(ClusterError([peer], (
                     f"rank {peer} is at collective {their_sequence} "
@@ -321,7 +315,7 @@ class Cluster:
         """Mark the communicator unusable; at exit, abort the job instead of finalizing."""
         if self._failure is None:
             self._failure = error
-            _register_abort(self.comm)
+            register_abort(self.comm)
         return error
 
     def _check_usable(self):
@@ -341,153 +335,3 @@ def _check_buffer(buffer):
         raise TypeError("mean_ needs a C-contiguous float32 numpy array (it is reduced in place). "
                         f"Received: {type(buffer).__name__} "
                         f"{getattr(buffer, 'dtype', '')}.")
-
-
-def _abort_at_exit(comm, code):
-    # Finalizers still pending (a processor never closed) release their shared memory first:
-    # MPI_Abort ends this process before the interpreter would run them.
-    gc.collect()
-    exit_finalizers = getattr(weakref.finalize, "_exitfunc", None)
-    if exit_finalizers is not None:
-        exit_finalizers()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    comm.Abort(code)
-
-
-_hooked = _abort_registered = False
-
-
-def _register_abort(comm):
-    global _abort_registered
-    if not _abort_registered:
-        _abort_registered = True
-        atexit.register(_abort_at_exit, comm, 1)
-
-
-def _abort_on_uncaught_exception(comm):
-    """An exception that ends this rank's script aborts the job (as ``python -m mpi4py`` does):
-    MPI_Finalize would otherwise wait for peers that wait for this rank until their timeout."""
-    global _hooked
-    if _hooked:
-        return
-    _hooked, previous = True, sys.excepthook
-
-    def hook(kind, value, traceback):
-        previous(kind, value, traceback)
-        _register_abort(comm)
-
-    sys.excepthook = hook
-
-
-class _Watchdog:
-    """Ends this process when a blocking MPI call outlives its deadline or a SIGTERM/SIGINT comes
-    while the main thread is blocked inside MPI (where no Python signal handler can run).
-
-    While armed, Python's signal wakeup fd points at a pipe that this thread watches: the C-level
-    signal handler writes the signal number there from whichever thread received it.
-    """
-
-    def __init__(self, cluster):
-        self._cluster = cluster
-        self._read, self._write = os.pipe()
-        os.set_blocking(self._write, False)
-        os.set_blocking(self._read, False)
-        self._condition = threading.Condition()
-        self._deadline = self._what = None
-        self._stopped = False
-        self._thread = threading.Thread(target=self._watch, name="engine-cluster-watchdog",
-                                        daemon=True)
-        self._thread.start()
-
-    def guard(self, deadline, what):
-        return _Guard(self, deadline, what)
-
-    def _arm(self, deadline, what):
-        try:
-            os.read(self._read, 4096)  # a signal byte left from an earlier call is stale
-        except BlockingIOError:
-            pass
-        with self._condition:
-            self._deadline, self._what = deadline, what
-            self._condition.notify()
-
-    def _disarm(self):
-        with self._condition:
-            self._deadline = self._what = None
-
-    def _watch(self):
-        while True:
-            with self._condition:
-                while self._deadline is None and not self._stopped:
-                    self._condition.wait()
-                if self._stopped:
-                    return
-                deadline, what = self._deadline, self._what
-            remaining = deadline - time.monotonic()
-            ready, _, _ = select.select([self._read], [], [], max(0.0, min(remaining, 0.05)))
-            if ready:
-                try:
-                    numbers = os.read(self._read, 64)
-                except BlockingIOError:
-                    numbers = b""
-                for number in numbers:
-                    if number in (signal.SIGTERM, signal.SIGINT) and self._still(deadline):
-                        _stop_now(128 + number, f"rank {self._cluster.rank}: "
-                                  f"{signal.Signals(number).name} during {what}; stopping.")
-            elif time.monotonic() > deadline and self._still(deadline):
-                _stop_now(1, f"rank {self._cluster.rank} on {self._cluster.host}: {what} did "
-                          f"not finish within timeout_s={self._cluster.timeout_s} although every "
-                          "rank had arrived: a peer died or the network failed during the "
-                          "transfer. The launcher's output names a rank that died.")
-
-    def _still(self, deadline):
-        with self._condition:
-            return self._deadline == deadline
-
-    def stop(self):
-        with self._condition:
-            self._stopped = True
-            self._condition.notify()
-
-
-class _Guard:
-    """Arms the watchdog (and the signal pipe) around one blocking MPI call."""
-
-    def __init__(self, watchdog, deadline, what):
-        self.watchdog, self.deadline, self.what = watchdog, deadline, what
-        self.previous_fd = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous_fd = signal.set_wakeup_fd(self.watchdog._write,
-                                                    warn_on_full_buffer=False)
-        self.watchdog._arm(self.deadline, self.what)
-
-    def __exit__(self, *exc_info):
-        self.watchdog._disarm()
-        if self.previous_fd is not None:
-            signal.set_wakeup_fd(self.previous_fd)
-
-
-def _stop_now(code, message):
-    """Leave nothing behind, from a thread, while the main thread is stuck inside MPI: unlink
-    this process's shared memory and worker log folders, kill its workers, exit at once."""
-    pid = os.getpid()
-    for name in blocks_of(pid):
-        _unlink_quietly(name)
-    temporary = tempfile.gettempdir()
-    for name in os.listdir(temporary):
-        if name.startswith(f"{PREFIX}{pid}_") and "_logs_" in name:
-            shutil.rmtree(os.path.join(temporary, name), ignore_errors=True)
-    children = psutil.Process(pid).children(recursive=True)
-    for child in children:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(children, timeout=2)
-    try:
-        os.write(2, f"ClusterError: {message}\n".encode())
-    finally:
-        os._exit(code)

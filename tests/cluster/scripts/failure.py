@@ -1,8 +1,9 @@
 """Two ranks, each holding what a node's processor holds (a shared-memory block, a forked worker
 and the SIGTERM handler; built here directly so that this test does not depend on the processor),
 run cross-node means; at iteration 3 rank 1 misbehaves: ``kill`` (SIGKILL itself), ``sleep``
-(hangs before the collective), ``raise`` (an uncaught exception) or ``stall`` (reaches the collective, then hangs inside the
-transfer). Prints RESULT lines: the pids at start, and the error a rank raised."""
+(hangs before the collective), ``raise`` (an uncaught exception) or ``stall`` (reaches the
+collective, then hangs inside the transfer). Prints RESULT lines: the pids at start, and the error
+a rank raised."""
 import contextlib
 import json
 import os
