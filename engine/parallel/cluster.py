@@ -47,6 +47,7 @@ _KINDS = {1: "the cross-node mean", 2: "a cross-node sum", 3: "the broadcast fro
           4: "a barrier", 5: "a check that the ranks agree", 6: "the gather of every node's rows"}
 _MEAN, _SUM, _BCAST, _BARRIER, _AGREE, _GATHER = 1, 2, 3, 4, 5, 6
 _SPIN_POLLS, _FIRST_SLEEP_S, _MAX_SLEEP_S = 32, 20e-6, 1e-3  # ~30 us of polls, then sleeps
+_INTERRUPT_GRACE_S = 2.0  # an interrupted transfer that does not return by then ends the process
 
 
 class ClusterError(EngineError):
@@ -120,6 +121,7 @@ class Cluster:
         self._outbox = np.zeros(_HEADER + MAX_VALUES, np.float64)
         self._inbox = np.zeros((self.size, _HEADER + MAX_VALUES), np.float64)
         self._failure = None
+        self._interrupted = False
         self._watchdog = Watchdog(self)
         abort_on_uncaught_exception(comm)
         self.last_wait_s = self.last_transfer_s = 0.0
@@ -225,6 +227,14 @@ class Cluster:
             _GATHER)
         return out
 
+    def interrupt(self):
+        """Make a collective that another thread waits in give up (e.g. from ``close()`` while a
+        SIGTERM unwinds the main thread): a roll call raises ClusterError at its next poll; a
+        transfer still blocked 2 s later ends the process through the watchdog. Final: the
+        cluster is failed afterwards."""
+        self._interrupted = True
+        self._watchdog.shorten(time.monotonic() + _INTERRUPT_GRACE_S)
+
     def barrier(self):
         """Wait (up to ``timeout_s``) until every rank has called barrier."""
         self._roll_call(_BARRIER, [])
@@ -247,6 +257,10 @@ class Cluster:
         deadline, delay, polls = time.monotonic() + self.timeout_s, _FIRST_SLEEP_S, 0
         try:
             while not MPI.Request.Testall(receives + sends):
+                if self._interrupted:
+                    raise self._fail(ClusterError([], (
+                        f"rank {self.rank}'s wait for {_KINDS[kind]} (collective {sequence}) was "
+                        "interrupted: this process is stopping.")))
                 if time.monotonic() > deadline:
                     missing = [peer for peer, request in zip(self._peers, receives)
                                if not request.Test()]
@@ -319,6 +333,8 @@ class Cluster:
         return error
 
     def _check_usable(self):
+        if self._interrupted and self._failure is None:
+            self._fail(ClusterError([], f"rank {self.rank} was interrupted (it is stopping)."))
         if self._failure is not None:
             raise ClusterError(self._failure.ranks, "the cluster failed earlier and cannot run "
                                f"another collective ({self._failure}). Restart the job "

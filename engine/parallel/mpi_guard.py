@@ -96,6 +96,13 @@ class Watchdog:
             self._deadline, self._what = deadline, what
             self._condition.notify()
 
+    def shorten(self, deadline):
+        """Bring an armed deadline forward to ``deadline`` (no effect when nothing is armed)."""
+        with self._condition:
+            if self._deadline is not None and deadline < self._deadline:
+                self._deadline = deadline
+                self._condition.notify()
+
     def _disarm(self):
         with self._condition:
             self._deadline = self._what = None

@@ -85,3 +85,14 @@ def test_uncaught_exception_on_one_rank_aborts_the_job_at_once(run_mpi):
     assert "RuntimeError: rank 1 fails on purpose" in run.stderr, run.describe()
     assert run.elapsed_s < 30, run.describe()  # not the 60 s timeout: the job was aborted
     _assert_nothing_left(run)
+
+
+@pytest.mark.slow
+def test_interrupt_stops_a_collective_waiting_in_another_thread_at_once(run_mpi):
+    run = run_mpi("failure.py", "interrupt", 60.0)
+    errors = [record for record in run.records if record["event"] == "error"]
+    assert run.returncode != 0, run.describe()
+    assert len(errors) == 1 and "was interrupted: this process is stopping" in \
+        errors[0]["message"], run.describe()
+    assert errors[0]["after_s"] < 3.0, errors[0]  # not the 60 s timeout
+    _assert_nothing_left(run)

@@ -1,14 +1,15 @@
 """Two ranks, each holding what a node's processor holds (a shared-memory block, a forked worker
 and the SIGTERM handler; built here directly so that this test does not depend on the processor),
 run cross-node means; at iteration 3 rank 1 misbehaves: ``kill`` (SIGKILL itself), ``sleep``
-(hangs before the collective), ``raise`` (an uncaught exception) or ``stall`` (reaches the
-collective, then hangs inside the transfer). Prints RESULT lines: the pids at start, and the error
+(hangs before the collective; with ``interrupt`` rank 0 then stops its waiting thread), ``raise``
+(an uncaught exception) or ``stall`` (reaches the collective, then hangs inside the transfer). Prints RESULT lines: the pids at start, and the error
 a rank raised."""
 import contextlib
 import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import multiprocess
@@ -19,6 +20,13 @@ from engine.parallel.cluster import ClusterError, make_cluster
 from engine.parallel.shm import SharedBlock
 
 MODE, TIMEOUT_S = sys.argv[1], float(sys.argv[2])
+
+
+def _catch(errors, function, *args):
+    try:
+        function(*args, examples=1, loss=0.0)
+    except ClusterError as error:
+        errors.append(error)
 
 
 def _worker(owner):
@@ -56,12 +64,24 @@ with node_resources() as worker:
                     os.kill(os.getpid(), signal.SIGKILL)
                 elif MODE == "sleep":
                     time.sleep(120)
+                elif MODE == "interrupt":
+                    time.sleep(120)
                 elif MODE == "raise":
                     raise RuntimeError("rank 1 fails on purpose")
                 elif MODE == "stall":
                     cluster._roll_call(1, [1.0, 0.0], buffer.size)  # arrive, never transfer
                     time.sleep(120)
             began = time.monotonic()
+            if MODE == "interrupt" and cluster.rank == 0 and iteration == 3:
+                # The collective waits in another thread (as the processor's cross-node thread
+                # does) while this one stops it, as close() does when SIGTERM unwinds it.
+                errors = []
+                waiting = threading.Thread(target=lambda: _catch(errors, cluster.mean_, buffer))
+                waiting.start()
+                time.sleep(1.0)
+                cluster.interrupt()
+                waiting.join()
+                raise errors[0]
             cluster.mean_(buffer, examples=1, loss=0.0)
     except ClusterError as error:
         print("RESULT " + json.dumps(dict(rank=cluster.rank, event="error", ranks=error.ranks,
