@@ -2,8 +2,8 @@
 and the SIGTERM handler; built here directly so that this test does not depend on the processor),
 run cross-node means; at iteration 3 rank 1 misbehaves: ``kill`` (SIGKILL itself), ``sleep``
 (hangs before the collective; with ``interrupt`` rank 0 then stops its waiting thread), ``raise``
-(an uncaught exception) or ``stall`` (reaches the collective, then hangs inside the transfer). Prints RESULT lines: the pids at start, and the error
-a rank raised."""
+(an uncaught exception) or ``stall`` (reaches the collective, then hangs inside the transfer).
+Prints RESULT lines: the pids at start, and the error a rank raised."""
 import contextlib
 import json
 import os
