@@ -25,13 +25,18 @@ def _alive_after(pid, seconds):
     return False
 
 
-def _assert_nothing_left(run):
+def _assert_nothing_left(run, killed=()):
+    """No process of any rank alive; no shared memory of a surviving rank (checked before any
+    sweep); a SIGKILLed rank's segments go with the next start's sweep, as after any SIGKILL."""
     started = _started(run)
     assert sorted(started) == [0, 1], run.describe()
-    sweep_orphaned_blocks()  # what the next start on the node does
     for rank, record in started.items():
         for pid in [record["pid"], *record["workers"]]:
             assert not _alive_after(pid, 5.0), f"rank {rank}'s process {pid} is still alive"
+        if rank not in killed:
+            assert blocks_of(record["pid"]) == [], (rank, blocks_of(record["pid"]))
+    sweep_orphaned_blocks()  # what the next start on the node does
+    for rank, record in started.items():
         assert blocks_of(record["pid"]) == [], (rank, blocks_of(record["pid"]))
 
 
@@ -54,7 +59,7 @@ def test_killed_rank_stops_the_others_and_the_launcher_names_it(run_mpi):
     assert run.returncode != 0, run.describe()
     assert "rank 1" in run.stderr and "signal 9" in run.stderr, run.describe()
     assert run.elapsed_s < 30, run.describe()
-    _assert_nothing_left(run)
+    _assert_nothing_left(run, killed=(1,))
 
 
 @pytest.mark.slow
@@ -65,7 +70,7 @@ def test_killed_rank_is_named_by_the_others_under_ulfm(run_mpi):
     assert "MPI_ABORT was invoked on rank 0" in run.stderr, run.describe()
     assert len(errors) == 1 and errors[0]["ranks"] == [1], run.describe()
     assert errors[0]["after_s"] < TIMEOUT_S + 2.0
-    _assert_nothing_left(run)
+    _assert_nothing_left(run, killed=(1,))
 
 
 @pytest.mark.slow
@@ -96,3 +101,14 @@ def test_interrupt_stops_a_collective_waiting_in_another_thread_at_once(run_mpi)
         errors[0]["message"], run.describe()
     assert errors[0]["after_s"] < 3.0, errors[0]  # not the 60 s timeout
     _assert_nothing_left(run)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the processor joins its cross-node thread on SIGTERM "
+                   "while that thread still waits in the roll call for the dead rank; the "
+                   "launcher's SIGKILL then comes before close() unlinks the shared memory. "
+                   "Fix: call cluster.interrupt() before hop.join() in the failure path.")
+def test_killed_rank_leaves_nothing_of_the_survivor_processor(run_mpi):
+    run = run_mpi("processor_kill.py", timeout_s=120)
+    assert run.returncode != 0 and "rank 1" in run.stderr, run.describe()
+    _assert_nothing_left(run, killed=(1,))
