@@ -7,8 +7,9 @@ optimizers, sharding, checks, errors) <- ``engine.parallel`` (shared memory, wor
 processor) <- ``engine.backends`` (Keras, tf.distribute) <- ``engine.training`` (fit, callbacks,
 checkpoints, data) <- ``engine.cli``.
 """
-from engine.core.errors import (EngineError, InsufficientMemoryError, NonFiniteLossError,
-                                WorkerCrashedError, WorkerError, WorkerTimeoutError)
+from engine.core.errors import (ClusterError, EngineError, InsufficientMemoryError,
+                                NonFiniteLossError, WorkerCrashedError, WorkerError,
+                                WorkerTimeoutError)
 from engine.core.optim import SGD, Adam, AdamW
 from engine.core.protocol import ModelContractError
 from engine.core.state import NetworkState
@@ -22,5 +23,5 @@ from engine.training.trainer import Trainer, evaluate, fit
 __all__ = ["Adam", "AdamW", "EngineError", "InsufficientMemoryError", "NetworkState",
            "NonFiniteLossError", "ParallelBatchProcessor", "SGD", "WorkerCrashedError",
            "WorkerError", "WorkerTimeoutError", "usable_cores", "History", "Trainer", "evaluate",
-           "fit", "Predictor", "ModelContractError", "SharedMemoryFullError"]
+           "fit", "Predictor", "ModelContractError", "SharedMemoryFullError", "ClusterError"]
 __version__ = "0.1.0"

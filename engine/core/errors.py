@@ -56,6 +56,14 @@ class NonFiniteLossError(EngineError):
                          "clip gradients (params['clip_norm']) or check the data for extreme values.")
 
 
+class ClusterError(EngineError):
+    """A rank died, hung or ran other steps; ``ranks`` names the ranks at fault (may be empty)."""
+
+    def __init__(self, ranks, message):
+        self.ranks = tuple(ranks)
+        super().__init__(message)
+
+
 class InsufficientMemoryError(EngineError, MemoryError):
     """The run cannot fit in the available memory; nothing was started."""
 

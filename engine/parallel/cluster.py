@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from engine.core.errors import EngineError
+from engine.core.errors import ClusterError
 from engine.core.sharding import split_batch
 from engine.parallel.mpi_guard import Watchdog, abort_on_uncaught_exception, register_abort
 
@@ -48,14 +48,6 @@ _KINDS = {1: "the cross-node mean", 2: "a cross-node sum", 3: "the broadcast fro
 _MEAN, _SUM, _BCAST, _BARRIER, _AGREE, _GATHER = 1, 2, 3, 4, 5, 6
 _SPIN_POLLS, _FIRST_SLEEP_S, _MAX_SLEEP_S = 32, 20e-6, 1e-3  # ~30 us of polls, then sleeps
 _INTERRUPT_GRACE_S = 2.0  # an interrupted transfer that does not return by then ends the process
-
-
-class ClusterError(EngineError):
-    """A rank died, hung or ran other steps; ``ranks`` names the ranks at fault (may be empty)."""
-
-    def __init__(self, ranks, message):
-        self.ranks = tuple(ranks)
-        super().__init__(message)
 
 
 def make_cluster(cluster, *, timeout_s=None):
@@ -114,6 +106,7 @@ class Cluster:
         self.timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
         local = comm.Split_type(self.MPI.COMM_TYPE_SHARED)
         self.local_size = local.Get_size()    # ranks sharing this host (and its cores)
+        self.local_rank = local.Get_rank()
         local.Free()
         self.host = socket.gethostname()
         self._sequence = 0

@@ -115,6 +115,12 @@ class ParallelBatchProcessor:
         self._rng = np.random.default_rng(self.seed)
         self.timeline = None if timeline is None else Timeline(timeline)
         self.cluster = _make_cluster(cluster, timeout_s)
+        # Ranks sharing a host (a test, or several ranks per node) share its cores.
+        self._local_ranks = (0, 1) if self.cluster is None else (
+            getattr(self.cluster, "local_rank", 0), getattr(self.cluster, "local_size", 1))
+        if self._local_ranks[1] > 1:
+            cores = max(1, cores // self._local_ranks[1])
+            self.threads_per_process = max(1, cores // self.num_processes)
         self._frozen_names, self._running_map = (), None
         if freeze:
             self.set_frozen(freeze)
@@ -434,8 +440,8 @@ class ParallelBatchProcessor:
                 progress=lambda i: (results[i, ws.HEARTBEAT], results[i, ws.WAITING],
                                     int(results[i, ws.CURRENT_STEP])),
                 abort=self._barriers.abort_all, tick=self._tick,
-                core_sets=worker_core_sets(self.num_processes, self.threads_per_process)
-                if self.bind_cores else None)
+                core_sets=worker_core_sets(self.num_processes, self.threads_per_process,
+                                           *self._local_ranks) if self.bind_cores else None)
         else:
             self._executor = InProcessExecutor(ops.WorkerCore(0, self.model, layout,
                                                               self.optimizer, work,
@@ -515,9 +521,14 @@ class ParallelBatchProcessor:
             if hop is not None:
                 hop.join()
         except BaseException:
-            if hop is not None:
+            if hop is not None:  # make a collective the hop waits in give up, then let it go
+                if hasattr(self.cluster, "interrupt"):
+                    self.cluster.interrupt()
                 hop.error = None
-                hop.join()
+                try:
+                    hop.join()
+                except BaseException:  # noqa: BLE001 - the first error is the one raised
+                    pass
             if self._work is not None and saved_optimizer is not None:
                 self._set_step(base, saved_optimizer)
             self.close()

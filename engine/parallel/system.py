@@ -17,10 +17,11 @@ def usable_cores():
     return max(1, cores)
 
 
-def worker_core_sets(num_workers, threads_per_worker):
+def worker_core_sets(num_workers, threads_per_worker, local_rank=0, local_ranks=1):
     """Disjoint sets of cores, one per worker (``threads_per_worker`` each, in affinity order),
     or None when they do not fit in this process's affinity (oversubscribed: let the kernel
-    place the workers).
+    place the workers). ``local_rank`` of ``local_ranks`` engine processes on this host takes
+    its own share of the cores.
 
     Binding matters on a VM: left to the scheduler, two workers that meet at a barrier every few
     microseconds were often placed on one vCPU (each step then waits for a time slice: 150 us of
@@ -30,6 +31,9 @@ def worker_core_sets(num_workers, threads_per_worker):
         cores = sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return None
+    if local_ranks > 1:  # several engine processes (MPI ranks) on this host: each its share
+        share = len(cores) // local_ranks
+        cores = cores[local_rank * share:(local_rank + 1) * share]
     if num_workers * threads_per_worker > len(cores):
         return None
     return [set(cores[i * threads_per_worker:(i + 1) * threads_per_worker])

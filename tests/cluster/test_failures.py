@@ -104,10 +104,6 @@ def test_interrupt_stops_a_collective_waiting_in_another_thread_at_once(run_mpi)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the processor joins its cross-node thread on SIGTERM "
-                   "while that thread still waits in the roll call for the dead rank; the "
-                   "launcher's SIGKILL then comes before close() unlinks the shared memory. "
-                   "Fix: call cluster.interrupt() before hop.join() in the failure path.")
 def test_killed_rank_leaves_nothing_of_the_survivor_processor(run_mpi):
     run = run_mpi("processor_kill.py", timeout_s=120)
     assert run.returncode != 0 and "rank 1" in run.stderr, run.describe()
