@@ -127,9 +127,9 @@ def test_bad_data_exits_1_naming_the_file_and_the_example(data_folder, tmp_path,
 
 def test_tensorboard_flag_without_the_package_exits_1_saying_how_to_install(
         data_folder, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # the event writer it needs
     assert _train(data_folder, tmp_path / "out", "--epochs", "1", "--tensorboard") == 1
-    assert "pip install tensorboard" in capsys.readouterr().err
+    assert "pip install tensorboardX" in capsys.readouterr().err
 
 
 def test_python_dash_m_engine_exit_codes_and_no_tracebacks(tmp_path):
