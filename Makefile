@@ -23,9 +23,13 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
+	$(PY) benchmarks/step_overhead.py
 	$(PY) benchmarks/sync_overhead.py
 	$(PY) benchmarks/scaling.py
+	$(PY) benchmarks/vs_peers.py
 	$(PY) benchmarks/vs_keras.py
+	$(PY) benchmarks/latency.py
+	$(PY) benchmarks/freezing.py
 	$(PY) benchmarks/soak.py
 
 clean:

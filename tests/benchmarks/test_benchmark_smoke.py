@@ -18,6 +18,7 @@ HEADLINES = {
     "scaling": r"^scaling mlp_speedup=\d+\.\d\d cnn_speedup=\d+\.\d\d$",
     "soak": r"^soak steps_per_s=\d+ restarts=\d+ identical=true rss_growth_mb=-?\d+\.\d\d leaks=0$",
     "latency": r"^latency p50_us=\d+ p99_us=\d+ vs_keras=\d+\.\d\d$",
+    "step_overhead": r"^step_overhead overhead_us=\d+$",
 }
 NEEDS = {"latency": "tensorflow"}  # benchmarks that compare against a framework
 
