@@ -256,6 +256,14 @@ class ParallelBatchProcessor:
 
     def _apply_training_state(self):
         saved, self._pending_training_state = self._pending_training_state, None
+        optimizer, needed = saved["optimizer"], self._work.optimizer.shape
+        if self.sync == "states" and optimizer.ndim == 3 and optimizer.shape[1:] == needed[1:] \
+                and optimizer.shape[0] != needed[0]:
+            # Another number of workers (or of nodes) than the saved run: each worker's local
+            # optimizer state starts from the mean of the saved ones.
+            optimizer = np.broadcast_to(optimizer.mean(axis=0, dtype=np.float64).astype(
+                np.float32), needed)
+            saved = dict(saved, optimizer=optimizer)
         if saved["optimizer"].shape != self._work.optimizer.shape:
             raise ValueError(f"saved optimizer state has shape {saved['optimizer'].shape}, this "
                              f"processor needs {self._work.optimizer.shape}: the model, optimizer, "

@@ -78,3 +78,18 @@ def test_states_mode_goes_on_from_a_copy_of_the_state_it_returned(blobs):
                                                    {"learning_rate": 0.05})
             finals.append(state.buffer)
     np.testing.assert_array_equal(finals[0], finals[1])
+
+
+def test_a_states_mode_run_resumes_on_another_worker_count(blobs):
+    options = dict(STATES, optimizer="adam")
+    with ParallelBatchProcessor(MODEL, **dict(options, num_processes=2)) as processor:
+        state, _ = processor.run_parallel(*blobs, MODEL.init_state(0), {"learning_rate": 0.05})
+        saved = processor.training_state()
+    assert saved["optimizer"].shape[0] == 2 and np.any(saved["optimizer"] != 0)
+    with ParallelBatchProcessor(MODEL, **dict(options, num_processes=1)) as processor:
+        processor.load_training_state(saved)
+        resumed, _ = processor.run_parallel(*blobs, state, {"learning_rate": 0.05})
+        assert processor.training_state()["step"] == 2 * saved["step"]
+        optimizer = processor.training_state()["optimizer"]
+    assert optimizer.shape[0] == 1 and np.all(np.isfinite(optimizer))
+    assert np.all(np.isfinite(resumed.buffer))
