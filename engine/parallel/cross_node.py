@@ -72,7 +72,7 @@ class NodeHop:
             counts = row[:, ws.R_COUNT]
             examples = float(counts.sum())
             local_loss = float(np.dot(counts, row[:, ws.R_LOSS]) / examples) if examples else 0.0
-            if not np.all(np.isfinite(row[:, ws.R_GRAD_SQUARES])):
+            if not np.all(np.isfinite(row[:, ws.R_SUM_SQUARES])):
                 local_loss = math.nan  # a non-finite gradient stops every node, like a NaN loss
             loss, _ = self.cluster.mean_(averaged, examples, local_loss)
             norm = math.sqrt(sum_squares(averaged, 0, min(weights, averaged.size)))

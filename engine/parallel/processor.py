@@ -601,7 +601,7 @@ class ParallelBatchProcessor:
             loss = float(np.dot(row[:, ws.R_COUNT], row[:, ws.R_LOSS]) / max(1, row[:, ws.R_COUNT].sum()))
             if not np.isfinite(loss):
                 what = "the loss is"
-            elif not np.all(np.isfinite(row[:, ws.R_GRAD_SQUARES])):
+            elif not np.all(np.isfinite(row[:, ws.R_SUM_SQUARES])):
                 what = "the gradients are"
             else:
                 what = "the updated parameters are"

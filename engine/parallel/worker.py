@@ -228,8 +228,7 @@ class WorkerCore:
             computed = row.tolist()
             total = 0.0
             for w, fields in enumerate(computed):
-                if not cross_node and not (math.isfinite(fields[ws.R_LOSS]) and
-                                           math.isfinite(fields[ws.R_GRAD_SQUARES])):
+                if not cross_node and not math.isfinite(fields[ws.R_LOSS]):
                     return self._stop(k)
                 total += fields[ws.R_COUNT]
             for w, fields in enumerate(computed):
@@ -257,8 +256,11 @@ class WorkerCore:
             barriers.arrive(ws.UPDATED, i, k + 1)
             self._wait(ws.UPDATED, k + 1)
             record[ws.R_ENDED] = time.perf_counter()
+            # A non-finite gradient shows in the sum of squares of some slice of the mean (and in
+            # the parameters it updated, which went into the next version only): stop before
+            # that version becomes current.
             for fields in row.tolist():
-                if fields[ws.R_NON_FINITE] != 0.0:
+                if fields[ws.R_NON_FINITE] != 0.0 or not math.isfinite(fields[ws.R_SUM_SQUARES]):
                     return self._stop(k)
             k += 1
 
@@ -267,26 +269,25 @@ class WorkerCore:
 
     def _compute(self, step, start, stop, record):
         """Loss and gradient of this worker's shard at the state current before ``step``, into
-        its slot; a float64 sum of squares of the slot (finite iff every gradient is)."""
+        its slot. (Their finiteness is checked on the mean: no extra pass over the slot.)"""
         started = time.perf_counter()
         if stop == start:  # contributes with coefficient 0; zeros keep NaN of old data out
             self.slot.fill(0.0)
-            record[ws.R_LOSS] = record[ws.R_COUNT] = record[ws.R_GRAD_SQUARES] = 0.0
+            record[ws.R_LOSS] = record[ws.R_COUNT] = 0.0
         else:
             x, y = self._rows(start, stop)
             state = self._versions[step % len(self._versions)]
             loss, count = self._train_on_shard(state, x, y, step, self.slot_weights,
                                                self.slot_theta)
             record[ws.R_LOSS], record[ws.R_COUNT] = loss, count
-            record[ws.R_GRAD_SQUARES] = sum_squares(self.slot, 0, self.trainable.num_trainable)
         record[ws.R_COMPUTE_S] = time.perf_counter() - started
 
     def _reduce_slice(self, coefficients, record):
         """Weighted mean of every slot over this worker's slice into ``reduced``; returns the
-        sum of squares of its weights part."""
+        sum of squares of its weights part (float64: finite iff every gradient is)."""
         work = self.work
         if self._averaged is not work.reduced:  # one worker: its slot is the average
-            return record[ws.R_GRAD_SQUARES]
+            return sum_squares(self.slot, 0, self.trainable.num_trainable)
         start, stop = self.weight_slice
         squares = weighted_mean_into(work.reduced, work.slots, coefficients, start, stop, True)
         start, stop = self.theta_slice
