@@ -161,10 +161,18 @@ class Barriers:
 
 
 def owner_pid_alive(pid):
+    """Whether process ``pid`` still runs. A zombie counts as gone: an owner that exited but whose
+    own parent has not reaped it yet (a test waiting for the owner's output pipes, which its
+    workers inherited) must not keep its workers alive, or both wait for each other forever."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): the signal test above is all there is
+    return state not in (b"Z", b"X")

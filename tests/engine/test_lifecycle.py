@@ -134,3 +134,16 @@ def test_sigterm_handler_is_restored_when_the_processor_closes(blobs):
                         {"learning_rate": 0.1})
         assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_zombie_owner_counts_as_gone():
+    from engine.parallel.barrier import owner_pid_alive
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)  # exited, not yet reaped: a zombie
+    assert not owner_pid_alive(child.pid)
+    child.wait()
+    assert not owner_pid_alive(child.pid)
+    assert owner_pid_alive(os.getpid())
