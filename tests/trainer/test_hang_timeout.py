@@ -80,8 +80,10 @@ def test_a_stopped_worker_does_not_stall_the_cli(tmp_path):
     stopped = None
     try:
         _wait_for(lambda: _rows(out / "history.csv") >= 1, 120, "the first epoch")
-        workers = [child for child in psutil.Process(run.pid).children()
-                   if "resource_tracker" not in " ".join(child.cmdline())]
+        owner = psutil.Process(run.pid)
+        # Forked workers carry the owner's command line; anything else (resource tracker, a
+        # short-lived `uname` run by the platform module) is not a worker.
+        workers = [child for child in owner.children() if child.cmdline() == owner.cmdline()]
         assert len(workers) == 2
         stopped = workers[1]
         stopped.send_signal(signal.SIGSTOP)
