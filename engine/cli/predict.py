@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from engine.training.datasets import (DataError, as_labels, check_features, check_labels,
-                                      row_chunks, take)
+                                      open_npz, row_chunks, take)
 
 __all__ = ["add_predict_command", "load_features", "run_predict"]
 
@@ -84,11 +84,7 @@ def _npy(file):
 
 
 def _npz(path, x_key):
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise DataError(f"{path!r}: cannot read it as an .npz archive ({error}).") from None
-    with archive:
+    with open_npz(path) as archive:
         keys = set(archive.files)
         candidates = [x_key] if x_key else ["x", "x_test", "features"]
         found = next((key for key in candidates if key in keys), None)

@@ -40,8 +40,8 @@ DIRTY_UPDATE, DIRTY_REFRESH = 1.0, 2.0      # DIRTY: what a worker was writing i
 # R_STARTED .. R_ENDED are perf_counter() stamps (CLOCK_MONOTONIC: one clock for every process):
 # started, computed (barrier COMPUTED passed), reduced (own slice averaged), updated (own slice
 # stepped), ended (barrier UPDATED passed).
-(R_LOSS, R_COUNT, R_COMPUTE_S, R_GRAD_SQUARES, R_SUM_SQUARES, R_NON_FINITE, R_STARTED,
- R_COMPUTED, R_REDUCED, R_UPDATED, R_ENDED) = range(11)
+(R_LOSS, R_COUNT, R_COMPUTE_S, R_SUM_SQUARES, R_NON_FINITE, R_STARTED, R_COMPUTED, R_REDUCED,
+ R_UPDATED, R_ENDED) = range(10)
 NUM_RECORDS = 12
 # Barrier kinds (rows of ``arrivals``): see engine.parallel.barrier.
 # NODE_DONE is written by the owner's cross-node thread (engine.parallel.cross_node) in slot 0.

@@ -147,12 +147,16 @@ def _load_folder(path):
                    names, os.path.join(path, "labels.npy"), os.path.join(path, "test_features.npy"))
 
 
-def _load_npz(path):
+def open_npz(path):
+    """``np.load`` of an .npz archive (no pickles), or a DataError naming the file."""
     try:
-        archive = np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise DataError(f"{path!r}: cannot read it as an .npz archive ({error}).") from None
-    with archive:
+
+
+def _load_npz(path):
+    with open_npz(path) as archive:
         keys = set(archive.files)
         if {"x", "y"} <= keys:
             train = ("x", "y")
