@@ -439,14 +439,12 @@ class ParallelBatchProcessor:
         if shared:
             kernels.warm_up()  # forked workers inherit compiled kernels
             self._holds_sigterm = signals.hold()
-            results = work.results
             self._executor = WorkerPool(
                 dict(model=self.model, layout=layout, optimizer=self.optimizer, sync=self.sync,
                      workspace=work.spec, threads=self.threads_per_process,
                      owner_pid=os.getpid()),
                 self.num_processes, self.start_method, self._timeout_s, self.max_restarts,
-                progress=lambda i: (results[i, ws.HEARTBEAT], results[i, ws.WAITING],
-                                    int(results[i, ws.CURRENT_STEP])),
+                progress=self._worker_progress,
                 abort=self._barriers.abort_all, tick=self._tick,
                 core_sets=worker_core_sets(self.num_processes, self.threads_per_process,
                                            *self._local_ranks) if self.bind_cores else None)
@@ -455,6 +453,20 @@ class ParallelBatchProcessor:
                                                               self.optimizer, work,
                                                               sync=self.sync))
         self._layout, self._running_map = layout, trainable
+
+    def _worker_progress(self, i):
+        """(heartbeat, waiting for a peer, current step) of worker i, for hang detection. A
+        worker marked waiting at a barrier that has already passed (stopped while asleep) is
+        not waiting for anyone."""
+        results = self._work.results[i]
+        waiting = bool(results[ws.WAITING])
+        if waiting:
+            kind, number = int(results[ws.WAIT_KIND]), int(results[ws.WAIT_ROUND])
+            only = int(results[ws.WAIT_ONLY])
+            counters = self._work.arrivals[kind, :, 0]
+            passed = counters[only] >= number if only >= 0 else counters.min() >= number
+            waiting = not passed
+        return results[ws.HEARTBEAT], waiting, int(results[ws.CURRENT_STEP])
 
     def _load_data(self, examples, labels):
         """Copy examples and labels into the data block (grown when too small); workers read

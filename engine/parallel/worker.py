@@ -194,12 +194,17 @@ class WorkerCore:
         self.results[ws.WAITING] = 0.0
         self.results[ws.HEARTBEAT] += 1.0
 
-    def _wait(self, kind, round_number):
-        self.barriers.wait(kind, round_number, self._sleeping, self._awake)
+    def _wait(self, kind, round_number, only=None):
+        # What it waits for, so the owner can tell a worker stopped at an already passed barrier
+        # (a hang) from one waiting for a slow peer.
+        results = self.results
+        results[ws.WAIT_KIND], results[ws.WAIT_ROUND] = kind, round_number
+        results[ws.WAIT_ONLY] = -1 if only is None else only
+        self.barriers.wait(kind, round_number, self._sleeping, self._awake, only=only)
 
     def _wait_node(self, round_number):
         """Wait for the owner's cross-node step number ``round_number`` (NODE_DONE)."""
-        self.barriers.wait(ws.NODE_DONE, round_number, self._sleeping, self._awake, only=0)
+        self._wait(ws.NODE_DONE, round_number, only=0)
 
     # -- sync="gradients" ------------------------------------------------------------------------
     def _gradient_pass(self):

@@ -32,7 +32,7 @@ TRAIN, EVALUATE = 0, 1                       # PASS_KIND
 END_NONE, END_AVERAGE_STATES, END_MEAN_INTO_REDUCED = 0, 1, 2   # END_AVERAGE (states mode)
 # Per-worker fields (float64 array ``results[i]``), written by worker i.
 LOSS, COUNT, COMPUTE_S, SUM_SQUARES, PEAK_RSS, SINCE_SYNC, NON_FINITE, HEARTBEAT, WAITING, \
-    DIRTY, CURRENT_STEP, STOP_STEP = range(12)
+    DIRTY, CURRENT_STEP, STOP_STEP, WAIT_KIND, WAIT_ROUND, WAIT_ONLY = range(15)
 NUM_RESULTS = 16
 NOT_STOPPED = -1.0   # STOP_STEP: the pass ran to its end
 DIRTY_UPDATE, DIRTY_REFRESH = 1.0, 2.0      # DIRTY: what a worker was writing into its slot
