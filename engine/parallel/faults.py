@@ -4,10 +4,15 @@ Set ``ENGINE_TEST_FAULTS`` before the processor starts its workers, as ``;``-sep
 ``KIND@WORKER:STEP[:OP]``:
 
 * KIND: ``kill`` (SIGKILL itself), ``segv`` (a real segmentation fault in native code), ``exit``
-  (exit code 7 without cleanup), ``hang`` (sleep forever), ``raise`` (a Python exception).
+  (exit code 7 without cleanup), ``hang`` (sleep forever), ``raise`` (a Python exception),
+  ``stop_asleep`` (SIGSTOP itself at the barrier that follows OP, once that barrier has passed,
+  still flagged asleep there: as if stopped from outside while it slept. If the barrier passed
+  within the spin, it is flagged as a sleeper first, so the hang does not depend on timing).
 * OP: when in the step it strikes: ``compute`` (default), ``reduce``, ``update``, ``local_step``,
   ``average``, ``evaluate``, or ``reduce_mid`` / ``update_mid`` (halfway through that worker's
   slice, so shared memory is left half written).
+  For ``stop_asleep``: ``compute``, ``update``, ``reduce`` (waited on only with a clip norm) or
+  ``average`` (states mode), naming the barriers COMPUTED, UPDATED, REDUCED and AVERAGE_OUT.
 * STEP: the optimizer's global step (0-based); for ``evaluate``, the batch index in the pass.
 
 Only the first incarnation of a worker carries its faults, so a replacement runs cleanly. The
@@ -24,9 +29,12 @@ from dataclasses import dataclass
 from engine.core.kernels import weighted_mean_into
 from engine.parallel import workspace as ws
 
-KINDS = ("kill", "segv", "exit", "hang", "raise")
+KINDS = ("kill", "segv", "exit", "hang", "raise", "stop_asleep")
 OPS = ("compute", "reduce", "update", "local_step", "average", "evaluate", "reduce_mid",
        "update_mid")
+# stop_asleep: the barrier a worker waits at right after each op that has one.
+BARRIER_AFTER = {"compute": ws.COMPUTED, "reduce": ws.REDUCED, "update": ws.UPDATED,
+                 "average": ws.AVERAGE_OUT}
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,9 @@ def parse_faults(text):
         if fault.kind not in KINDS or fault.op not in OPS:
             raise ValueError(f"ENGINE_TEST_FAULTS entry {entry!r}: kind must be one of {KINDS} and "
                              f"op one of {OPS}.")
+        if fault.kind == "stop_asleep" and fault.op not in BARRIER_AFTER:
+            raise ValueError(f"ENGINE_TEST_FAULTS entry {entry!r}: stop_asleep strikes at the "
+                             f"barrier after an op, so op must be one of {tuple(BARRIER_AFTER)}.")
         faults.append(fault)
     return faults
 
@@ -71,12 +82,40 @@ def strike(faults, op_name, step):
                 raise RuntimeError(f"injected fault at step {step} during {op_name}")
 
 
+def stops_asleep(faults, kind, step):
+    """Whether a ``stop_asleep`` fault is planned at barrier ``kind`` in this step."""
+    return any(fault.kind == "stop_asleep" and fault.step == step and
+               BARRIER_AFTER[fault.op] == kind for fault in faults)
+
+
 def fault_injecting(core_class, faults):
     """A subclass of the worker core that strikes ``faults`` at their planned points."""
 
     class FaultInjectingCore(core_class):
+        _stop_when_awake = False
+
         def _step(self):
             return int(self.results[ws.CURRENT_STEP])
+
+        # stop_asleep: the worker stops with WAITING still set (and WAIT_KIND/WAIT_ROUND/WAIT_ONLY
+        # naming the barrier, written by the real _wait) although the barrier has passed. Only
+        # hang detection that checks the arrival counters can tell it from a patient waiter.
+        def _wait(self, kind, round_number, only=None):
+            self._stop_when_awake = stops_asleep(faults, kind, self._step())
+            super()._wait(kind, round_number, only)
+            if self._stop_when_awake:  # passed within the spin, no sleep: flag it as a sleeper
+                self._stop_flagged_asleep()
+                self._awake()
+
+        def _awake(self):
+            if self._stop_when_awake:  # woke from a real sleep: stop before clearing the flag
+                self._stop_flagged_asleep()
+            super()._awake()
+
+        def _stop_flagged_asleep(self):
+            self._stop_when_awake = False
+            self.results[ws.WAITING] = 1.0
+            os.kill(os.getpid(), signal.SIGSTOP)  # a SIGCONT would resume it past the barrier
 
         def _compute(self, step, start, stop, record):
             strike(faults, "compute", step)

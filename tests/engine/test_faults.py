@@ -1,5 +1,7 @@
 """Fault injection (engine.parallel.faults): workers die, segfault or hang mid-run; training goes on, and in
 gradients mode the final state is bitwise the state of a run without the fault."""
+import signal
+
 import numpy as np
 import pytest
 
@@ -51,6 +53,21 @@ def test_a_hung_worker_is_killed_after_timeout_and_replaced(blobs, monkeypatch, 
     # On a busy machine a healthy worker may also overrun 2 s and be replaced (harmlessly: the
     # result is still bitwise identical); the hung worker must be among the replaced.
     assert (1, 6, "timeout") in [(r["worker"], r["step"], r["reason"]) for r in restarts]
+    assert {r["reason"] for r in restarts} == {"timeout"}
+
+
+@pytest.mark.timeout(120)  # without the fix both workers wait forever: fail instead of hanging
+def test_a_worker_stopped_while_flagged_asleep_at_a_passed_barrier_is_replaced(
+        blobs, monkeypatch, fault_free_state):
+    # Worker 1 SIGSTOPs itself at step 4's COMPUTED barrier after it passed, still flagged asleep;
+    # worker 0 then really waits for it at UPDATED. The stopped worker waits for nobody (the
+    # arrival counters say so), so it must count as hung and be SIGKILLed and replaced.
+    monkeypatch.setenv("ENGINE_TEST_FAULTS", "stop_asleep@1:4:compute")
+    state, restarts = _train(blobs, timeout_s=2.0)
+    np.testing.assert_array_equal(state.buffer, fault_free_state.buffer)
+    # As in the hang test, a healthy worker overrunning 2 s on a busy machine may be replaced too.
+    replaced = [(r["worker"], r["step"], r["reason"], r["exitcode"]) for r in restarts]
+    assert (1, 4, "timeout", -signal.SIGKILL) in replaced
     assert {r["reason"] for r in restarts} == {"timeout"}
 
 
