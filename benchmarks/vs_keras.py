@@ -115,6 +115,9 @@ class FitRunner:
         return _epoch_record(answer["seconds"], steps, sizes, examples_per_epoch,
                              loss=answer["loss"], rss_bytes=[answer["rss_bytes"]])
 
+    def pids(self):
+        return [self.process.pid]
+
     def close(self):
         if self.process.poll() is None:
             self.process.stdin.close()
@@ -143,6 +146,10 @@ class EngineRunner:
         for key in ("compute_s", "sync_s", "wait_s"):
             record[key] = float(np.sum(results[key][SKIP_STEPS:]))
         return record
+
+    def pids(self):
+        """The processes doing the work: the workers, or this process when there are none."""
+        return self.processor.worker_pids or [os.getpid()]
 
     def close(self):
         self.processor.close()

@@ -18,7 +18,11 @@ turns epoch by epoch (each round starting with a different one):
 
 Rates are steady-state samples/s: examples of the steps after the first ``SKIP_STEPS`` of each
 epoch over the time they took (the engine's per-step ``wall_s``, the peers' step-end timestamps).
-Before that, one child process times one LSTM direction forward + backward (62 steps, batch 32,
+Memory per process, after each epoch: peak RSS (as each process reports it), and PSS and USS
+(``memory_of``): RSS counts every shared page a process touched in full (the engine's data set and
+state in shared memory, pages inherited by fork), PSS divides them among the processes that map
+them, USS is what the process alone holds. The worker pool's start time (launch to every worker
+ready) is taken from the engine's first epoch. Before that, one child process times one LSTM direction forward + backward (62 steps, batch 32,
 128 units, input 128, one thread) natively and in torch, interleaved.
 
 Headline (last line): ``vs_peers native_vs_fit=X native_vs_torch_ddp=Y efficiency=Z``: native
@@ -130,6 +134,19 @@ def torch_child(rank, world, threads, rows, port):
         torch.distributed.destroy_process_group()
 
 
+def memory_of(pids):
+    """Resident (RSS), proportional (PSS: shared pages divided among the processes that map
+    them) and unique (USS) bytes of each process, now. RSS counts a page of shared memory (the
+    engine's data set and state) and of memory inherited by fork in full in every process that
+    touched it; PSS adds up to what the processes use together."""
+    import psutil
+    memory = []
+    for pid in pids:
+        info = psutil.Process(pid).memory_full_info()
+        memory.append(dict(rss_bytes=info.rss, pss_bytes=info.pss, uss_bytes=info.uss))
+    return memory
+
+
 def _rss_bytes():
     import psutil
     return psutil.Process().memory_info().rss
@@ -168,6 +185,9 @@ class TorchRunner:
         steps = np.diff(np.asarray(lead["step_ends"]))
         return _epoch_record(lead["seconds"], steps, _step_sizes(rows, len(steps)), rows,
                              loss=lead["loss"], rss_bytes=[a["rss_bytes"] for a in answers])
+
+    def pids(self):
+        return [process.pid for process in self.processes]
 
     def close(self):
         for process in self.processes:
@@ -266,11 +286,9 @@ def main():
     model, model_source = native_model()
     log(f"vs_peers: usable cores {cores}; native model from the {model_source}; {rows:,} "
         f"examples of {SHAPE}, batch {BATCH_SIZE}, {rounds} timed epochs per configuration")
-    runners, ready_s = [], {}
+    runners, ready_s = [], {}  # seconds the worker pool took to start (in the warm-up epoch)
     try:
-        began = time.perf_counter()
         runners.append(EngineRunner(f"native {cores}p", model, cores))
-        ready_s[runners[-1].label] = time.perf_counter() - began
         runners.append(NativeOneThreadRunner("native 1 thread", model))
         runners.append(FitRunner("fit default", 0, rows))
         if have_torch:
@@ -289,6 +307,10 @@ def main():
             for runner in rotated(runners, turn):
                 time.sleep(_SETTLE_S)
                 record = runner.epoch(data if isinstance(runner, EngineRunner) else rows)
+                record["memory"] = memory_of(runner.pids())
+                start_s = getattr(getattr(runner, "processor", None), "worker_start_s", None)
+                if start_s is not None:
+                    ready_s.setdefault(runner.label, start_s)  # its first epoch started it
                 if turn > 0:
                     runner.epochs.append(record)
                 rates[runner.label] = record["steady_samples_per_s"]
@@ -302,11 +324,11 @@ def main():
         for runner in runners:
             runner.close()
     summary = _summarize(runners, cores, lstm)
+    summary["worker_start_s"] = ready_s
     cleanup, cpu = leftovers(), load.report()
     _print_summary(summary, cores)
     path = write_results("vs_peers", args, summary, rounds=history, cleanup=cleanup,
                          cpu_load=cpu, quiet_wait=quiet.report(), native_model=model_source,
-                         engine_ready_s=ready_s,
                          workload=dict(rows=rows, batch_size=BATCH_SIZE, shape=SHAPE,
                                        classes=CLASSES, learning_rate=LEARNING_RATE,
                                        skip_steps=SKIP_STEPS))
@@ -331,7 +353,9 @@ def _summarize(runners, cores, lstm):
             steady_samples_per_s=examples / steady,
             steady_samples_per_s_per_epoch=[e["steady_samples_per_s"] for e in epochs],
             step_mean_s=steady / sum(e["steps"] - SKIP_STEPS for e in epochs),
-            peak_rss_bytes=epochs[-1]["rss_bytes"], final_loss=epochs[-1]["loss"], epochs=epochs)
+            peak_rss_bytes=epochs[-1]["rss_bytes"], final_loss=epochs[-1]["loss"],
+            pss_bytes=[m["pss_bytes"] for m in epochs[-1]["memory"]],
+            uss_bytes=[m["uss_bytes"] for m in epochs[-1]["memory"]], epochs=epochs)
     rate = {label: c["steady_samples_per_s"] for label, c in configurations.items()}
     native = rate[f"native {cores}p"]
     ddp = rate.get(f"torch DDP {cores}x1", float("nan"))
@@ -346,16 +370,21 @@ def _print_summary(summary, cores):
     print(f"\nimu_cnn_bilstm, batch {BATCH_SIZE}, Adam, {cores} usable cores "
           f"(steady state: steps after the first {SKIP_STEPS} of each epoch)")
     print(f"  {'configuration':<18} {'samples/s':>10} {'per epoch':>22} {'step':>10} "
-          f"{'peak RSS per process':>26}")
+          f"{'peak RSS / PSS / USS per process (MiB)':>44}")
     for label, c in summary["configurations"].items():
         per_epoch = ", ".join(f"{rate:,.0f}" for rate in c["steady_samples_per_s_per_epoch"])
-        rss = ", ".join(f"{value / 2**20:,.0f} MiB" for value in c["peak_rss_bytes"])
+        memory = ", ".join(f"{rss / 2**20:,.0f}/{pss / 2**20:,.0f}/{uss / 2**20:,.0f}"
+                           for rss, pss, uss in zip(c["peak_rss_bytes"], c["pss_bytes"],
+                                                    c["uss_bytes"]))
         print(f"  {label:<18} {c['steady_samples_per_s']:>10,.0f} {per_epoch:>22} "
-              f"{format_seconds(c['step_mean_s']):>10} {rss:>26}")
+              f"{format_seconds(c['step_mean_s']):>10} {memory:>44}")
     lstm = ", ".join(f"{name} {ms:.2f} ms" for name, ms in summary["lstm_direction_ms"].items())
     print(f"  native 1 thread / torch 1 thread: "
           f"{summary['native_1_thread_vs_torch_1_thread']:.2f}; one LSTM direction forward + "
-          f"backward (T 62, batch 32, 128 units, 1 thread): {lstm}\n")
+          f"backward (T 62, batch 32, 128 units, 1 thread): {lstm}")
+    starts = ", ".join(f"{label} {seconds:.2f} s" for label, seconds in
+                       summary["worker_start_s"].items())
+    print(f"  worker pool start (launch to every worker ready): {starts}\n")
 
 
 if __name__ == "__main__":

@@ -122,11 +122,13 @@ class WorkerPool:
         self._poller, self._owners = select.poll(), {}
         self._data_spec = None
         self._current = None  # (op, step, payload) of the operation in flight
+        began = time.perf_counter()
         try:
             for worker_id in range(num_workers):
                 self._launch(worker_id, first=True)
             for worker_id in range(num_workers):
                 self._await_ready(worker_id)
+            self.start_s = time.perf_counter() - began  # launch to every worker attached
         except BaseException:
             self.close()
             raise

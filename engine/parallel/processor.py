@@ -294,6 +294,12 @@ class ParallelBatchProcessor:
         """PIDs of the worker processes (empty in-process or before the first call)."""
         return [] if self._executor is None else self._executor.pids
 
+    @property
+    def worker_start_s(self):
+        """Seconds the last start of the worker pool took, from launching the first worker to every
+        worker attached to shared memory and ready (None in-process or before the first call)."""
+        return getattr(self._executor, "start_s", None)
+
     def close(self):
         """Stop the workers and release all shared memory (and write the timeline, if asked
         for). Safe to call more than once."""

@@ -116,6 +116,19 @@ def test_workers_keep_their_state_between_calls_without_restarting(blobs):
     assert np.all(np.isfinite(state.buffer))
 
 
+def test_worker_start_time_is_reported_for_a_pool_and_none_in_process(blobs):
+    model = MLP(sizes=(12, 8, 3))
+    state = model.init_state(0)
+    with ParallelBatchProcessor(model, num_processes=1, batch_size=50) as processor:
+        processor.run_parallel(*blobs, state, {"learning_rate": 0.01})
+        assert processor.worker_start_s is None
+    with ParallelBatchProcessor(model, num_processes=2, batch_size=50) as processor:
+        assert processor.worker_start_s is None  # workers start with the first call
+        began = time.perf_counter()
+        processor.run_parallel(*blobs, state, {"learning_rate": 0.01})
+        assert 0.0 < processor.worker_start_s < time.perf_counter() - began
+
+
 @pytest.mark.slow
 def test_sigterm_unwinds_through_cleanup_and_exits_143():
     script, workers = _start_training_script()
