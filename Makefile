@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/sync_overhead.py
 	$(PY) benchmarks/scaling.py
 	$(PY) benchmarks/vs_peers.py
+	$(PY) benchmarks/layer_times.py
 	$(PY) benchmarks/vs_keras.py
 	$(PY) benchmarks/latency.py
 	$(PY) benchmarks/freezing.py

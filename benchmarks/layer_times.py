@@ -1,0 +1,92 @@
+"""Where a native model's training step goes: forward and backward time of every layer, one thread.
+
+    .venv/bin/python benchmarks/layer_times.py [--quick] [--model imu_cnn_bilstm] [--batch 32]
+
+Runs ``loss_and_grads`` of a native zoo model (default: the reference ``imu_cnn_bilstm``, at the
+32-example shard a worker gets of the global batch of 64 on 2 cores) in this process, as a worker
+runs it: BLAS limited to one thread, freed memory kept for reuse (``keep_freed_memory``). Each
+layer's ``forward`` and ``backward`` are timed through wrappers on the layer objects (a few
+microseconds per call; the table's last line compares their sum with the whole step).
+
+Headline (last line): ``layer_times step_ms=X.X top=NAME:Y.Y``: median step time and the layer
+with the largest forward + backward time.
+"""
+import _common  # noqa: F401 - first: puts the repository root on sys.path
+
+import collections
+import time
+
+import numpy as np
+
+from _common import QuietWaiter, log, parse_args, write_results
+from engine.parallel.system import keep_freed_memory, limit_threads
+
+REPEATS, QUICK_REPEATS = 20, 2
+
+
+def timed_layers(model):
+    """Wrap each layer's forward/backward with timers; returns {node: {"forward": [], ...}}."""
+    seconds = collections.defaultdict(lambda: {"forward": 0.0, "backward": 0.0})
+    nodes = getattr(model, "nodes", None)
+    if nodes is None:  # a Sequential: its layers in order, named by position and kind
+        nodes = [(f"{index}_{layer.kind}", layer, None) for index, layer in enumerate(model.layers)]
+    for name, layer, _ in nodes:
+        for method in ("forward", "backward"):
+            setattr(layer, method, _timer(getattr(layer, method), seconds[name], method))
+    return seconds
+
+
+def _timer(function, totals, key):
+    def timed(*args, **kwargs):
+        began = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            totals[key] += time.perf_counter() - began
+    return timed
+
+
+def main():
+    def options(parser):
+        parser.add_argument("--model", default="imu_cnn_bilstm", help="a native zoo model name")
+        parser.add_argument("--batch", type=int, default=32, help="examples per step (32)")
+    args = parse_args(__doc__.splitlines()[0], options)
+    limit = limit_threads(1)  # noqa: F841 - as in a worker: the limit lasts while it lives
+    keep_freed_memory()
+    import models
+    model = models.get_model(args.model)
+    state = model.init_state(seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, *model.input_shape)).astype(np.float32)
+    y = rng.integers(0, model.num_outputs, args.batch)
+    for _ in range(3):  # compile and fault in the buffers
+        model.loss_and_grads(state, x, y)
+    QuietWaiter(0.0 if args.quick else 60.0).wait()
+    seconds = timed_layers(model)
+    repeats = QUICK_REPEATS if args.quick else REPEATS
+    steps = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        model.loss_and_grads(state, x, y)
+        steps.append(time.perf_counter() - began)
+    step_ms = 1e3 * float(np.median(steps))
+    layers = {name: {key: 1e3 * value / repeats for key, value in times.items()}
+              for name, times in seconds.items()}
+    ranked = sorted(layers.items(), key=lambda item: -sum(item[1].values()))
+    log(f"{args.model}, batch {args.batch}, one thread, {repeats} steps")
+    print(f"  {'layer':<22} {'forward':>10} {'backward':>10} {'share':>7}")
+    for name, times in ranked:
+        total = times["forward"] + times["backward"]
+        print(f"  {name:<22} {times['forward']:>8.2f} ms {times['backward']:>7.2f} ms "
+              f"{total / step_ms:>6.0%}")
+    covered = sum(sum(times.values()) for times in layers.values())
+    print(f"  step {step_ms:.2f} ms (median); the layers' sum {covered:.2f} ms")
+    path = write_results("layer_times", args, dict(step_ms=step_ms, step_s=steps, layers=layers),
+                         model=args.model, batch=args.batch)
+    print(f"results: {path}")
+    top, times = ranked[0]
+    print(f"layer_times step_ms={step_ms:.1f} top={top}:{sum(times.values()):.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
