@@ -5,6 +5,7 @@ import numbers
 import numpy as np
 
 from models.layers.base import Layer, check_init, check_positive_int, initial_kernel
+from models.layers.batchnorm_kernels import batch_norm_backward_into, batch_norm_forward_into
 
 __all__ = ["Dense", "Identity", "ReLU", "Dropout", "Reshape", "Flatten", "BatchNorm", "BinaryLogits",
            "softmax", "softmax_cross_entropy"]
@@ -196,29 +197,32 @@ class BatchNorm(Layer):
             scale = gamma * inv_std
             shift = beta - theta["running_mean"] * scale
             return x * scale + shift, {"x": x, "mean": theta["running_mean"], "inv_std": inv_std}
-        axes = tuple(range(x.ndim - 1))
-        mean = x.mean(axis=axes)
-        centered = x - mean
-        var = np.mean(centered * centered, axis=axes)
-        inv_std = 1.0 / np.sqrt(var + self.epsilon)
-        x_hat = centered * inv_std
-        return x_hat * gamma + beta, {"x_hat": x_hat, "inv_std": inv_std, "mean": mean, "var": var}
+        x = np.ascontiguousarray(x)
+        rows = x.reshape(-1, x.shape[-1])
+        channels, dtype = x.shape[-1], x.dtype
+        y, x_hat = np.empty_like(x), np.empty_like(x)
+        mean, var, inv_std = (np.empty(channels, dtype) for _ in range(3))
+        batch_norm_forward_into(y.reshape(rows.shape), x_hat.reshape(rows.shape), rows,
+                                gamma.astype(dtype, copy=False), beta.astype(dtype, copy=False),
+                                self.epsilon, mean, var, inv_std)
+        return y, {"x_hat": x_hat, "inv_std": inv_std, "mean": mean, "var": var}
 
     def backward(self, weights, cache, dy, *, need_input_grad=True):
-        training = "x_hat" in cache
-        x_hat = cache["x_hat"] if training else (cache["x"] - cache["mean"]) * cache["inv_std"]
-        axes = tuple(range(dy.ndim - 1))
-        grads = {"gamma": np.sum(dy * x_hat, axis=axes), "beta": dy.sum(axis=axes)}
-        if not need_input_grad:
-            return None, grads
         scale = weights["gamma"] * cache["inv_std"]
-        if not training:  # the running statistics are constants: an affine map per channel
-            return dy * scale, grads
+        if "x_hat" not in cache:  # inference statistics are constants: an affine map per channel
+            x_hat = (cache["x"] - cache["mean"]) * cache["inv_std"]
+            axes = tuple(range(dy.ndim - 1))
+            grads = {"gamma": np.sum(dy * x_hat, axis=axes), "beta": dy.sum(axis=axes)}
+            return (dy * scale if need_input_grad else None), grads
         # The batch mean and variance depend on x too, which gives
         # dx = gamma / std * (dy - mean(dy) - x_hat * mean(dy * x_hat)).
-        count = dy.size // dy.shape[-1]
-        dx = dy - grads["beta"] * (1.0 / count) - x_hat * (grads["gamma"] * (1.0 / count))
-        dx *= scale
+        dy = np.ascontiguousarray(dy)
+        x_hat, channels = cache["x_hat"], dy.shape[-1]
+        grads = {"gamma": np.empty(channels, dy.dtype), "beta": np.empty(channels, dy.dtype)}
+        dx = np.empty_like(dy) if need_input_grad else None
+        batch_norm_backward_into(None if dx is None else dx.reshape(-1, channels), grads["gamma"],
+                                 grads["beta"], dy.reshape(-1, channels),
+                                 x_hat.reshape(-1, channels), scale.astype(dy.dtype, copy=False))
         return dx, grads
 
     def updated_theta(self, theta, cache):
