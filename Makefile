@@ -10,10 +10,14 @@ STAMP := $(VENV)/.installed
 
 env: $(STAMP)
 
+# aeon brings BasicMotions (real accelerometer + gyroscope recordings) for
+# tests/models/test_recurrent_models.py: only its data files are read; --no-deps because aeon
+# pins an older numba and is never imported.
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,tf,mpi]'
+	$(PY) -m pip install --quiet --no-deps aeon==1.6.0
 	touch $(STAMP)
 
 demo: $(STAMP)
