@@ -5,7 +5,10 @@ once, one BLAS GEMM per timestep does the recurrence (h_{t-1} @ recurrent_kernel
 kernel per timestep does everything element-wise (bias add, gates, cell update, output writes;
 ``models.layers._recurrent_kernels``). The backward pass mirrors it: one kernel and one GEMM per
 timestep, then one GEMM each for the kernel, recurrent kernel and input gradients over all
-timesteps (the bias gradient is summed inside the kernels). Buffers stay batch-major, so no
+timesteps (the bias gradient is summed inside the kernels). With numpy's own BLAS recognised
+(``models.layers._blas``), each time loop runs compiled, in one call
+(``models.layers._recurrent_loops``), with bitwise the same results; otherwise the Python loops
+below run it. Buffers stay batch-major, so no
 transposes or copies of the sequence are made, and the maths runs in the input's dtype.
 
 ``Bidirectional`` runs a time-reversed copy of its layer; both directions write straight into
@@ -16,6 +19,8 @@ import copy
 import numpy as np
 
 from models.layers import _recurrent_kernels as kernels
+from models.layers import _recurrent_loops as loops
+from models.layers._blas import numpy_gemm
 from models.layers.base import Layer, check_positive_int
 
 __all__ = ["LSTM", "GRU", "Bidirectional"]
@@ -35,6 +40,20 @@ def _orthogonal(units, columns, rng):
 
 def _step_order(timesteps, reverse):
     return list(range(timesteps - 1, -1, -1) if reverse else range(timesteps))
+
+
+COMPILED_LOOPS = True  # False: always the Python loops (tests compare the two)
+
+
+def _compiled_loop(dtype):
+    """numpy's gemm for the compiled time loops in ``dtype``, or None: use the Python loop."""
+    functions = numpy_gemm() if COMPILED_LOOPS else None
+    return None if functions is None else functions.get(np.dtype(dtype).type)
+
+
+def _order_array(timesteps, reverse):
+    order = np.arange(timesteps, dtype=np.int64)
+    return order[::-1].copy() if reverse else order
 
 
 class _Recurrent(Layer):
@@ -152,6 +171,13 @@ class LSTM(_Recurrent):
         cells[:, steps] = 0
         tanh_cells = np.empty((n, steps, units), dtype)
         states = np.empty((n, steps, units), dtype)  # states[:, t]: the h that step t starts from
+        gemm = _compiled_loop(dtype)
+        if gemm is not None:
+            loops.lstm_forward(gemm, *gates, cells, tanh_cells, outputs, states, projections,
+                               np.ascontiguousarray(recurrent_kernel, dtype), bias.astype(dtype),
+                               _order_array(steps, self._reverse), self.return_sequences,
+                               direction)
+            return dict(x=x, states=states, gates=gates, cells=cells, tanh_cells=tanh_cells)
         recurrent = np.zeros((n, 4 * units), dtype)
         carry = np.zeros((n, units), dtype)
         order = _step_order(steps, self._reverse)
@@ -176,6 +202,14 @@ class LSTM(_Recurrent):
         recurrent_transposed = np.ascontiguousarray(weights["recurrent_kernel"].T)
         dgates = np.empty((n, steps, 4 * units), dtype)
         dbias = np.zeros((4, units), dtype)
+        gemm = _compiled_loop(dtype)
+        if gemm is not None:
+            loops.lstm_backward(gemm, dgates, dbias, doutputs, *gates, cache["cells"],
+                                cache["tanh_cells"], recurrent_transposed.astype(dtype, copy=False),
+                                _order_array(steps, self._reverse), self.return_sequences,
+                                direction)
+            return _input_and_weight_grads(x, states, dgates, dgates, weights, dbias.reshape(-1),
+                                           need_input_grad)
         dcells = np.zeros((n, units), dtype)
         dstates = np.zeros((n, units), dtype)
         order = _step_order(steps, self._reverse)
@@ -227,6 +261,13 @@ class GRU(_Recurrent):
         projections = (x.reshape(n * steps, features) @ kernel).reshape(n, steps, 3 * units)
         gates = np.empty((4, n, steps, units), dtype)  # z, r, candidate, recurrent part
         states = np.empty((n, steps, units), dtype)
+        gemm = _compiled_loop(dtype)
+        if gemm is not None:
+            loops.gru_forward(gemm, *gates, outputs, states, projections,
+                              np.ascontiguousarray(recurrent_kernel, dtype), bias.astype(dtype),
+                              _order_array(steps, self._reverse), self.return_sequences,
+                              direction)
+            return dict(x=x, states=states, gates=gates)
         recurrent = np.zeros((n, 3 * units), dtype)
         order = _step_order(steps, self._reverse)
         states[:, order[0]] = 0
@@ -248,6 +289,14 @@ class GRU(_Recurrent):
         drecurrent = np.empty((n, steps, 3 * units), dtype)
         dbias = np.zeros((2, 3 * units), dtype)
         dinput_bias, drecurrent_bias = dbias[0].reshape(3, units), dbias[1].reshape(3, units)
+        gemm = _compiled_loop(dtype)
+        if gemm is not None:
+            loops.gru_backward(gemm, dinputs, drecurrent, dinput_bias, drecurrent_bias, doutputs,
+                               *gates, states, recurrent_transposed.astype(dtype, copy=False),
+                               _order_array(steps, self._reverse), self.return_sequences,
+                               direction)
+            return _input_and_weight_grads(x, states, dinputs, drecurrent, weights, dbias,
+                                           need_input_grad)
         dprevious = np.zeros((n, units), dtype)
         dstates = np.zeros((n, units), dtype)
         order = _step_order(steps, self._reverse)
