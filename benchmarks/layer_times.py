@@ -1,6 +1,7 @@
 """Where a native model's training step goes: forward and backward time of every layer, one thread.
 
     .venv/bin/python benchmarks/layer_times.py [--quick] [--model imu_cnn_bilstm] [--batch 32]
+                                               [--python-loops]
 
 Runs ``loss_and_grads`` of a native zoo model (default: the reference ``imu_cnn_bilstm``, at the
 32-example shard a worker gets of the global batch of 64 on 2 cores) in this process, as a worker
@@ -50,10 +51,15 @@ def main():
     def options(parser):
         parser.add_argument("--model", default="imu_cnn_bilstm", help="a native zoo model name")
         parser.add_argument("--batch", type=int, default=32, help="examples per step (32)")
+        parser.add_argument("--python-loops", action="store_true",
+                            help="run the recurrent layers' time loops in Python instead of "
+                                 "compiled (to measure what compiling them gains)")
     args = parse_args(__doc__.splitlines()[0], options)
     limit = limit_threads(1)  # noqa: F841 - as in a worker: the limit lasts while it lives
     keep_freed_memory()
     import models
+    from models.layers import recurrent
+    recurrent.COMPILED_LOOPS = not args.python_loops
     model = models.get_model(args.model)
     state = model.init_state(seed=0)
     rng = np.random.default_rng(0)
@@ -82,7 +88,8 @@ def main():
     covered = sum(sum(times.values()) for times in layers.values())
     print(f"  step {step_ms:.2f} ms (median); the layers' sum {covered:.2f} ms")
     path = write_results("layer_times", args, dict(step_ms=step_ms, step_s=steps, layers=layers),
-                         model=args.model, batch=args.batch)
+                         model=args.model, batch=args.batch,
+                         compiled_loops=not args.python_loops)
     print(f"results: {path}")
     top, times = ranked[0]
     print(f"layer_times step_ms={step_ms:.1f} top={top}:{sum(times.values()):.1f}", flush=True)
