@@ -27,7 +27,8 @@ import multiprocess
 from engine.core.errors import WorkerCrashedError, WorkerError, WorkerTimeoutError
 from engine.parallel.faults import parse_faults
 from engine.parallel.shm import log_directory_prefix
-from engine.parallel.worker import ATTACH_DATA, FAILED, STOP, receive_message, send_message, worker_main
+from engine.parallel.worker import ATTACH_DATA, FAILED, STOP, receive_message, send_message
+from engine.parallel.worker_process import worker_main
 
 _STARTUP_TIMEOUT_S = 300.0
 _JOIN_TIMEOUT_S = 3.0
@@ -96,7 +97,8 @@ class _Worker:
 
 
 class WorkerPool:
-    """``num_workers`` processes running :func:`engine.parallel.worker.worker_main` on a shared workspace.
+    """``num_workers`` processes running :func:`engine.parallel.worker_process.worker_main` on a
+    shared workspace.
 
     Args:
         spec: what every worker needs (model, layout, optimizer, workspace spec, threads, ...).

@@ -1,4 +1,4 @@
-"""What a worker does in a pass, and the loop of a worker process.
+"""What a worker does in a pass: the protocol, the pipe messages that carry it, and the core.
 
 Protocol (one pipe each way per worker; nothing is pickled on the hot path)
 --------------------------------------------------------------------------
@@ -25,33 +25,29 @@ only after the barrier that follows their use; updates write the next version of
 in gradients mode the pass ends bitwise as without the fault. In states mode a predecessor that
 died while writing its local state in place (``DIRTY``) is restarted from the last average with
 fresh optimizer state; otherwise it too resumes exactly.
-A worker ignores SIGINT (the owner decides how to stop), and exits by itself when the owner dies.
+
+Where it lives: this module holds the pipe messages and ``WorkerCore`` (what every pass shares,
+and evaluation); the two training passes are mixins of the core in ``worker_gradients`` and
+``worker_states``, and the process around the core (entry, command loop, owner watch) is in
+``worker_process``.
 """
-import faulthandler
-import math
 import os
-import pickle
 import resource
-import select
-import signal
-import sys
 import time
-import traceback
 
 import numpy as np
 
 from engine.core import protocol
-from engine.core.kernels import clip_scale, sum_squares, weighted_mean_into
 from engine.core.sharding import TrainableMap, split_batch
 from engine.core.state import NetworkState
 from engine.parallel import workspace as ws
-from engine.parallel.barrier import DEFAULT_SPIN_S, Aborted, Barriers, owner_pid_alive
+from engine.parallel.barrier import DEFAULT_SPIN_S, Aborted, Barriers
+from engine.parallel.worker_gradients import GradientsPass
+from engine.parallel.worker_states import StatesPass
 
 RUN_PASS, REDUCE, ATTACH_DATA, STOP = range(4)
 OK, FAILED = 0, 1
 _HAS_PAYLOAD = 0x80
-_OWNER_CHECK_S = 1.0
-_STOPPED_BY_PEER = 2  # work.abort value: a peer found a non-finite value (states mode)
 
 
 def _peak_rss_bytes():
@@ -76,8 +72,11 @@ class _LazyRandom:
         return getattr(self._generator, name)
 
 
-class WorkerCore:
-    """The maths of one worker on shared (or, in-process, private) arrays."""
+class WorkerCore(GradientsPass, StatesPass):
+    """The maths of one worker on shared (or, in-process, private) arrays.
+
+    The passes of the two sync modes come from the mixins; ``engine.parallel.faults`` subclasses
+    this class and overrides its steps (``_compute``, ``_update_slice``, ``_wait``, ...)."""
 
     def __init__(self, worker_id, model, layout, optimizer, work, data=None, *, sync="gradients",
                  owner_pid=None, spin=False):
@@ -206,242 +205,8 @@ class WorkerCore:
         """Wait for the owner's cross-node step number ``round_number`` (NODE_DONE)."""
         self._wait(ws.NODE_DONE, round_number, only=0)
 
-    # -- sync="gradients" ------------------------------------------------------------------------
-    def _gradient_pass(self):
-        barriers, i, control = self.barriers, self.worker_id, self.work.control
-        num_steps, base, rows, batch_size = self._plan()
-        clip_norm = control[ws.CLIP_NORM]
-        clip_norm = None if math.isnan(clip_norm) else float(clip_norm)
-        records, rates = self.data.records, self.data.step_learning_rates
-        coefficients = self._coefficients
-        # Across nodes the owner's thread joins every step between reduce and update
-        # (engine.parallel.cross_node), and decides for all nodes whether a step is finite.
-        cross_node = bool(control[ws.CROSS_NODE])
-        barriers.always_ring = cross_node
-        k = barriers.count(ws.UPDATED, i)  # steps completed (by this worker or its predecessor)
-        # The hot loop: per step a few dozen scalar reads and writes; the small per-step checks
-        # run on Python floats (row.tolist()), which beats numpy reductions over a few workers.
-        while k < num_steps:
-            step, record, row = base + k, records[k, i], records[k]
-            self._beat(step)
-            if barriers.count(ws.COMPUTED, i) <= k:
-                record[ws.R_STARTED] = time.perf_counter()
-                self._compute(step, *self._shard(k, rows, batch_size), record)
-                barriers.arrive(ws.COMPUTED, i, k + 1)
-            self._wait(ws.COMPUTED, k + 1)
-            record[ws.R_COMPUTED] = time.perf_counter()
-            computed = row.tolist()
-            total = 0.0
-            for w, fields in enumerate(computed):
-                if not cross_node and not math.isfinite(fields[ws.R_LOSS]):
-                    return self._stop(k)
-                total += fields[ws.R_COUNT]
-            for w, fields in enumerate(computed):
-                coefficients[w] = fields[ws.R_COUNT] / total
-            self._beat(step)
-            if clip_norm is None and not cross_node:
-                record[ws.R_SUM_SQUARES] = self._reduce_slice(coefficients, record)
-                scale = 1.0
-            else:
-                if barriers.count(ws.REDUCED, i) <= k:
-                    record[ws.R_SUM_SQUARES] = self._reduce_slice(coefficients, record)
-                    barriers.arrive(ws.REDUCED, i, k + 1)
-                if cross_node:
-                    self._wait_node(k + 1)
-                    if control[ws.HOP_STOP]:
-                        return self._stop(k)
-                    scale = float(control[ws.HOP_SCALE])
-                else:
-                    self._wait(ws.REDUCED, k + 1)
-                    squares = sum(fields[ws.R_SUM_SQUARES] for fields in row.tolist())
-                    scale = clip_scale(math.sqrt(squares), clip_norm)
-            record[ws.R_REDUCED] = time.perf_counter()
-            record[ws.R_NON_FINITE] = self._update_slice(step, rates[k], scale)
-            record[ws.R_UPDATED] = time.perf_counter()
-            barriers.arrive(ws.UPDATED, i, k + 1)
-            self._wait(ws.UPDATED, k + 1)
-            record[ws.R_ENDED] = time.perf_counter()
-            # A non-finite gradient shows in the sum of squares of some slice of the mean (and in
-            # the parameters it updated, which went into the next version only): stop before
-            # that version becomes current.
-            for fields in row.tolist():
-                if fields[ws.R_NON_FINITE] != 0.0 or not math.isfinite(fields[ws.R_SUM_SQUARES]):
-                    return self._stop(k)
-            k += 1
-
     def _stop(self, k):
         self.results[ws.STOP_STEP] = k
-
-    def _compute(self, step, start, stop, record):
-        """Loss and gradient of this worker's shard at the state current before ``step``, into
-        its slot. (Their finiteness is checked on the mean: no extra pass over the slot.)"""
-        started = time.perf_counter()
-        if stop == start:  # contributes with coefficient 0; zeros keep NaN of old data out
-            self.slot.fill(0.0)
-            record[ws.R_LOSS] = record[ws.R_COUNT] = 0.0
-        else:
-            x, y = self._rows(start, stop)
-            state = self._versions[step % len(self._versions)]
-            loss, count = self._train_on_shard(state, x, y, step, self.slot_weights,
-                                               self.slot_theta)
-            record[ws.R_LOSS], record[ws.R_COUNT] = loss, count
-        record[ws.R_COMPUTE_S] = time.perf_counter() - started
-
-    def _reduce_slice(self, coefficients, record):
-        """Weighted mean of every slot over this worker's slice into ``reduced``; returns the
-        sum of squares of its weights part (float64: finite iff every gradient is)."""
-        work = self.work
-        if self._averaged is not work.reduced:  # one worker: its slot is the average
-            return sum_squares(self.slot, 0, self.trainable.num_trainable)
-        start, stop = self.weight_slice
-        squares = weighted_mean_into(work.reduced, work.slots, coefficients, start, stop, True)
-        start, stop = self.theta_slice
-        weighted_mean_into(work.reduced, work.slots, coefficients, start, stop, False)
-        return squares
-
-    def _update_slice(self, step, learning_rate, scale):
-        """Optimizer step on this worker's slice, from the version current before ``step`` into
-        the next one; the averaged theta copied in. Returns 0.0, or NaN if a value is not finite."""
-        params, optimizer = self._param_versions, self._optimizer_versions
-        current, following = step % len(params), (step + 1) % len(params)
-        averaged, non_finite = self._averaged, 0.0
-        for start, stop, compact in self.weight_pieces:
-            if compact == start:  # nothing frozen before it: buffer and compact numbering agree
-                non_finite += self.optimizer.update_into(
-                    params[following], optimizer[following], params[current], optimizer[current],
-                    averaged, start, stop, learning_rate, step + 1, scale)
-            else:  # past a frozen weight: the same update on views aligned to the piece
-                non_finite += self.optimizer.update_into(
-                    params[following][start:stop], optimizer[following][:, start:stop],
-                    params[current][start:stop], optimizer[current][:, start:stop],
-                    averaged[compact:compact + stop - start], 0, stop - start, learning_rate,
-                    step + 1, scale)
-        for start, stop, compact in self.theta_pieces:
-            params[following][start:stop] = averaged[compact:compact + stop - start]
-        return non_finite
-
-    def reduce(self):
-        """Standalone weighted mean (``coefficients`` from the owner) over this worker's slice:
-        what the benchmarks time against the memory-copy floor."""
-        work = self.work
-        if work.averaged is work.reduced:
-            start, stop = self.weight_slice
-            self.results[ws.SUM_SQUARES] = weighted_mean_into(
-                work.reduced, work.slots, work.coefficients, start, stop, True)
-
-    # -- sync="states" ---------------------------------------------------------------------------
-    def _states_pass(self):
-        barriers, i, work, control = self.barriers, self.worker_id, self.work, self.work.control
-        num_steps, base, rows, batch_size = self._plan()
-        interval, since = int(control[ws.UPDATE_INTERVAL]), int(control[ws.SINCE_AVERAGE])
-        end = int(control[ws.END_AVERAGE])
-        self._recover_slot()
-        k, j = barriers.count(ws.LOCAL_DONE, i), barriers.count(ws.AVERAGE_OUT, i)
-        if control[ws.REFRESH] and k == 0 and j == 0:
-            self._refresh()
-        ends_off_cycle = (since + num_steps) % interval != 0
-        while True:
-            due = (since + k) // interval - since // interval
-            if k == num_steps and end == ws.END_AVERAGE_STATES and ends_off_cycle:
-                due += 1
-            if j < due:
-                self._average(j, into_params=True)
-                j += 1
-                continue
-            if k == num_steps:
-                break
-            if work.abort[0]:
-                return
-            step = base + k
-            self._beat(step)
-            record = self.data.records[k, i]
-            if not self._local_step(step, *self._shard(k, rows, batch_size), record):
-                self._stop(k)
-                work.abort[0] = _STOPPED_BY_PEER
-                barriers.doorbell.ring()
-                return
-            k += 1
-            barriers.arrive(ws.LOCAL_DONE, i, k, ring=False)
-            self.results[ws.DIRTY] = 0.0
-        if end == ws.END_MEAN_INTO_REDUCED and ends_off_cycle:
-            self._average(j, into_params=False)
-
-    def _local_step(self, step, start, stop, record):
-        """One optimizer step of the local state on this worker's shard; False if not finite."""
-        started = time.perf_counter()
-        record[ws.R_STARTED] = started
-        if stop == start:
-            record[ws.R_LOSS] = record[ws.R_COUNT] = record[ws.R_NON_FINITE] = 0.0
-            return True
-        if self._local_flat is None:
-            # Gradients and new theta gather here: in states mode the slot holds the local state.
-            self._local_flat = np.empty(self.layout.size, np.float32)
-            grads, self._local_theta = self.layout.views(self._local_flat)
-            trainable = self.trainable.compact_views(self.layout,
-                                                     np.empty(self.trainable.size, np.float32))[0]
-            self._local_grads = {name: grads[name] for name in grads if name in trainable}
-        x, y = self._rows(start, stop)
-        loss, count = self._train_on_shard(self.local_state, x, y, step, self._local_grads,
-                                           self._local_theta)
-        record[ws.R_LOSS], record[ws.R_COUNT] = loss, count
-        if not np.isfinite(loss):
-            return False
-        own_optimizer = self.work.optimizer[self.worker_id]
-        self.results[ws.DIRTY] = ws.DIRTY_UPDATE
-        learning_rate = self.data.step_learning_rates[step - int(self.work.control[ws.STEP])]
-        non_finite = 0.0
-        for start, stop in self.trainable.weight_ranges:  # frozen weights are never stepped
-            non_finite += self.optimizer.update_into(
-                self.slot, own_optimizer, self.slot, own_optimizer, self._local_flat, start, stop,
-                learning_rate, step + 1, 1.0)
-        record[ws.R_NON_FINITE] = non_finite
-        self.slot[self.num_weights:] = self._local_flat[self.num_weights:]
-        self.results[ws.SINCE_SYNC] += count
-        record[ws.R_COMPUTE_S] = time.perf_counter() - started
-        record[ws.R_ENDED] = time.perf_counter()
-        return record[ws.R_NON_FINITE] == 0.0
-
-    def _average(self, j, into_params):
-        """Average number j of this pass: the example-weighted mean of the local states over this
-        worker's slice into ``params`` (then the local state restarts from it), or into
-        ``reduced`` (process_batch between averages: local states go on)."""
-        barriers, i, work = self.barriers, self.worker_id, self.work
-        if barriers.count(ws.AVERAGE_IN, i) <= j:
-            barriers.arrive(ws.AVERAGE_IN, i, j + 1)
-        self._wait(ws.AVERAGE_IN, j + 1)
-        self._beat(int(self.results[ws.CURRENT_STEP]))
-        counts = work.results[:, ws.SINCE_SYNC]
-        coefficients = counts / counts.sum()
-        for start, stop, _ in self.state_pieces:  # frozen weights are equal in every local state
-            self._average_slice(work.params if into_params else work.reduced, coefficients, start,
-                                stop)
-        barriers.arrive(ws.AVERAGE_OUT, i, j + 1)
-        self._wait(ws.AVERAGE_OUT, j + 1)
-        if work.control[ws.CROSS_NODE]:
-            barriers.always_ring = True
-            self._wait_node(j + 1)  # the owner averages across nodes (engine.parallel.cross_node)
-        if into_params:
-            self._refresh()
-
-    def _average_slice(self, out, coefficients, start, stop):
-        weighted_mean_into(out, self.work.slots, coefficients, start, stop, False)
-
-    def _refresh(self):
-        results = self.results
-        results[ws.DIRTY] = ws.DIRTY_REFRESH
-        self.slot[:] = self.work.params
-        results[ws.SINCE_SYNC] = 0.0
-        results[ws.DIRTY] = 0.0
-
-    def _recover_slot(self):
-        """A replacement whose predecessor died writing its slot: restart it from the last
-        average (after an interrupted update also with fresh optimizer state: local steps since
-        the average are lost)."""
-        dirty = self.results[ws.DIRTY]
-        if dirty == ws.DIRTY_UPDATE:
-            self.work.optimizer[self.worker_id].fill(0.0)
-        if dirty:
-            self._refresh()
 
     # -- evaluation ------------------------------------------------------------------------------
     def _evaluate_pass(self):
@@ -561,79 +326,3 @@ def _read_exact(fd, count):
         chunks.append(chunk)
         count -= len(chunk)
     return b"".join(chunks)
-
-
-def worker_main(worker_id, spec, command_pipe, answer_pipe):
-    """Entry point of a worker process: attach, then serve operations until STOP or owner death."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    log = _log_stderr(spec["log_path"])  # noqa: F841 - stays open while the worker lives
-    from engine.parallel.system import bind_to_cores, keep_freed_memory, limit_threads
-    bound = spec.get("cores") is not None and bind_to_cores(spec["cores"])
-    thread_limit = limit_threads(spec["threads"])  # noqa: F841 - the limit lasts while it lives
-    keep_freed_memory()
-    command_fd, answer_fd = command_pipe.fileno(), answer_pipe.fileno()
-    work = ws.Workspace(spec["workspace"], shared=True, create=False)
-    data = None if spec["data"] is None else ws.DataArrays(spec["data"], shared=True, create=False)
-    core_class = WorkerCore
-    if spec["faults"]:  # test-only: a subclass that strikes at planned points (engine.parallel.faults)
-        from engine.parallel.faults import fault_injecting
-        core_class = fault_injecting(WorkerCore, spec["faults"])
-    core = core_class(worker_id, spec["model"], spec["layout"], spec["optimizer"], work, data,
-                      sync=spec["sync"], owner_pid=spec["owner_pid"], spin=bound)
-    send_message(answer_fd, OK)
-    try:
-        while True:
-            # Sleep in select (no spinning); wake once a second to notice an owner that died.
-            if not select.select([command_fd], [], [], _OWNER_CHECK_S)[0]:
-                if not owner_pid_alive(spec["owner_pid"]):
-                    return
-                continue
-            try:
-                op, payload = receive_message(command_fd)
-            except (EOFError, OSError):
-                return
-            if op == STOP:
-                return
-            try:
-                if op == ATTACH_DATA:
-                    if data is not None:
-                        core.data = None
-                        data.close()
-                    data = ws.DataArrays(pickle.loads(payload), shared=True, create=False)
-                    core.data = data
-                    core._rows_buffer = None
-                else:
-                    core.run(op)
-                send_message(answer_fd, OK)
-            except Exception:  # any failure goes back to the owner with its traceback
-                send_message(answer_fd, FAILED, traceback.format_exc().encode())
-    finally:
-        core = None
-        if data is not None:
-            data.close()
-        work.close()
-
-
-class _Tee:
-    """Writes to the worker's inherited stderr and to its log, whose tail the owner reports if
-    the worker dies."""
-
-    def __init__(self, *streams):
-        self.streams = [stream for stream in streams if stream is not None]
-
-    def write(self, text):
-        for stream in self.streams:
-            stream.write(text)
-            stream.flush()
-        return len(text)
-
-    def flush(self):
-        for stream in self.streams:
-            stream.flush()
-
-
-def _log_stderr(path):
-    log = open(path, "a", buffering=1)
-    sys.stderr = _Tee(sys.__stderr__, log)
-    faulthandler.enable(file=log)  # a segfault's Python traceback lands in the log too
-    return log

@@ -1,0 +1,137 @@
+"""sync="gradients": a worker's pass of compute, weighted mean and slice update, step by step.
+
+A mixin of ``engine.parallel.worker.WorkerCore`` (the protocol and recovery are described
+there). It is apart from the states mode because the two passes share no step, only the core's
+waits and shard helpers; its methods keep their names on the core class so that fault injection
+(``engine.parallel.faults``) can override them. ``reduce`` (the ``REDUCE`` operation) is the
+standalone weighted mean that the benchmarks time.
+"""
+import math
+import time
+
+from engine.core.kernels import clip_scale, sum_squares, weighted_mean_into
+from engine.parallel import workspace as ws
+
+
+class GradientsPass:
+    """WorkerCore's sync="gradients" methods: they use the slot views, slices, pieces and state
+    versions that ``WorkerCore.__init__`` sets up, and its barriers, waits and shard helpers."""
+
+    def _gradient_pass(self):
+        barriers, i, control = self.barriers, self.worker_id, self.work.control
+        num_steps, base, rows, batch_size = self._plan()
+        clip_norm = control[ws.CLIP_NORM]
+        clip_norm = None if math.isnan(clip_norm) else float(clip_norm)
+        records, rates = self.data.records, self.data.step_learning_rates
+        coefficients = self._coefficients
+        # Across nodes the owner's thread joins every step between reduce and update
+        # (engine.parallel.cross_node), and decides for all nodes whether a step is finite.
+        cross_node = bool(control[ws.CROSS_NODE])
+        barriers.always_ring = cross_node
+        k = barriers.count(ws.UPDATED, i)  # steps completed (by this worker or its predecessor)
+        # The hot loop: per step a few dozen scalar reads and writes; the small per-step checks
+        # run on Python floats (row.tolist()), which beats numpy reductions over a few workers.
+        while k < num_steps:
+            step, record, row = base + k, records[k, i], records[k]
+            self._beat(step)
+            if barriers.count(ws.COMPUTED, i) <= k:
+                record[ws.R_STARTED] = time.perf_counter()
+                self._compute(step, *self._shard(k, rows, batch_size), record)
+                barriers.arrive(ws.COMPUTED, i, k + 1)
+            self._wait(ws.COMPUTED, k + 1)
+            record[ws.R_COMPUTED] = time.perf_counter()
+            computed = row.tolist()
+            total = 0.0
+            for w, fields in enumerate(computed):
+                if not cross_node and not math.isfinite(fields[ws.R_LOSS]):
+                    return self._stop(k)
+                total += fields[ws.R_COUNT]
+            for w, fields in enumerate(computed):
+                coefficients[w] = fields[ws.R_COUNT] / total
+            self._beat(step)
+            if clip_norm is None and not cross_node:
+                record[ws.R_SUM_SQUARES] = self._reduce_slice(coefficients, record)
+                scale = 1.0
+            else:
+                if barriers.count(ws.REDUCED, i) <= k:
+                    record[ws.R_SUM_SQUARES] = self._reduce_slice(coefficients, record)
+                    barriers.arrive(ws.REDUCED, i, k + 1)
+                if cross_node:
+                    self._wait_node(k + 1)
+                    if control[ws.HOP_STOP]:
+                        return self._stop(k)
+                    scale = float(control[ws.HOP_SCALE])
+                else:
+                    self._wait(ws.REDUCED, k + 1)
+                    squares = sum(fields[ws.R_SUM_SQUARES] for fields in row.tolist())
+                    scale = clip_scale(math.sqrt(squares), clip_norm)
+            record[ws.R_REDUCED] = time.perf_counter()
+            record[ws.R_NON_FINITE] = self._update_slice(step, rates[k], scale)
+            record[ws.R_UPDATED] = time.perf_counter()
+            barriers.arrive(ws.UPDATED, i, k + 1)
+            self._wait(ws.UPDATED, k + 1)
+            record[ws.R_ENDED] = time.perf_counter()
+            # A non-finite gradient shows in the sum of squares of some slice of the mean (and in
+            # the parameters it updated, which went into the next version only): stop before
+            # that version becomes current.
+            for fields in row.tolist():
+                if fields[ws.R_NON_FINITE] != 0.0 or not math.isfinite(fields[ws.R_SUM_SQUARES]):
+                    return self._stop(k)
+            k += 1
+
+    def _compute(self, step, start, stop, record):
+        """Loss and gradient of this worker's shard at the state current before ``step``, into
+        its slot. (Their finiteness is checked on the mean: no extra pass over the slot.)"""
+        started = time.perf_counter()
+        if stop == start:  # contributes with coefficient 0; zeros keep NaN of old data out
+            self.slot.fill(0.0)
+            record[ws.R_LOSS] = record[ws.R_COUNT] = 0.0
+        else:
+            x, y = self._rows(start, stop)
+            state = self._versions[step % len(self._versions)]
+            loss, count = self._train_on_shard(state, x, y, step, self.slot_weights,
+                                               self.slot_theta)
+            record[ws.R_LOSS], record[ws.R_COUNT] = loss, count
+        record[ws.R_COMPUTE_S] = time.perf_counter() - started
+
+    def _reduce_slice(self, coefficients, record):
+        """Weighted mean of every slot over this worker's slice into ``reduced``; returns the
+        sum of squares of its weights part (float64: finite iff every gradient is)."""
+        work = self.work
+        if self._averaged is not work.reduced:  # one worker: its slot is the average
+            return sum_squares(self.slot, 0, self.trainable.num_trainable)
+        start, stop = self.weight_slice
+        squares = weighted_mean_into(work.reduced, work.slots, coefficients, start, stop, True)
+        start, stop = self.theta_slice
+        weighted_mean_into(work.reduced, work.slots, coefficients, start, stop, False)
+        return squares
+
+    def _update_slice(self, step, learning_rate, scale):
+        """Optimizer step on this worker's slice, from the version current before ``step`` into
+        the next one; the averaged theta copied in. Returns 0.0, or NaN if a value is not finite."""
+        params, optimizer = self._param_versions, self._optimizer_versions
+        current, following = step % len(params), (step + 1) % len(params)
+        averaged, non_finite = self._averaged, 0.0
+        for start, stop, compact in self.weight_pieces:
+            if compact == start:  # nothing frozen before it: buffer and compact numbering agree
+                non_finite += self.optimizer.update_into(
+                    params[following], optimizer[following], params[current], optimizer[current],
+                    averaged, start, stop, learning_rate, step + 1, scale)
+            else:  # past a frozen weight: the same update on views aligned to the piece
+                non_finite += self.optimizer.update_into(
+                    params[following][start:stop], optimizer[following][:, start:stop],
+                    params[current][start:stop], optimizer[current][:, start:stop],
+                    averaged[compact:compact + stop - start], 0, stop - start, learning_rate,
+                    step + 1, scale)
+        for start, stop, compact in self.theta_pieces:
+            params[following][start:stop] = averaged[compact:compact + stop - start]
+        return non_finite
+
+    def reduce(self):
+        """Standalone weighted mean (``coefficients`` from the owner) over this worker's slice:
+        what the benchmarks time against the memory-copy floor."""
+        work = self.work
+        if work.averaged is work.reduced:
+            start, stop = self.weight_slice
+            self.results[ws.SUM_SQUARES] = weighted_mean_into(
+                work.reduced, work.slots, work.coefficients, start, stop, True)
