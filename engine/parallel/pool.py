@@ -12,6 +12,9 @@ replaced the same way. After
 ``max_restarts`` replacements within one call, the pool is torn down and WorkerCrashedError (or
 WorkerTimeoutError) carries the worker id, exit code and the tail of its stderr. A worker that
 *raises* is not replaced: the same input would raise again; WorkerError carries its traceback.
+
+``InProcessExecutor`` answers the same calls for ``num_processes=1`` by running the worker core in
+the owner's process, so the processor drives both the same way.
 """
 import os
 import pickle
@@ -293,6 +296,25 @@ class WorkerPool:
                 self._retire(worker_id, force=False)
         shutil.rmtree(self.log_directory, ignore_errors=True)
 
+
+class InProcessExecutor:
+    """Runs the worker maths in this process (num_processes=1), answering the pool's calls."""
+
+    def __init__(self, core):
+        self.core, self.restarts, self.pids, self.timeout_s = core, [], [], None
+
+    def run(self, op, step=None):
+        self.core.run(op)
+
+    def attach_data(self, data):
+        self.core.data = data
+        self.core._rows_buffer = None
+
+    def reset_restart_budget(self):
+        pass
+
+    def close(self):
+        self.core = None
 
 
 class _HangWatch:

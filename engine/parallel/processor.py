@@ -1,36 +1,31 @@
-"""ParallelBatchProcessor: data-parallel training passes run by persistent worker processes."""
-import math
-import os
-import time
+"""ParallelBatchProcessor: data-parallel training passes run by persistent worker processes.
+
+This module holds the public class: its contract, its options and public methods, and what it
+keeps between calls (optimizer state, frozen set, closing the workers and shared memory). The
+two stages of a call are mixins, each in its own module: ``processor_setup`` (the call's data
+and state into shared memory, workers started) and ``processor_pass`` (a pass planned, run and
+turned into results).
+"""
 import warnings
-import weakref
 
 import numpy as np
 
-from engine.core import kernels
-from engine.core.errors import NonFiniteLossError
 from engine.core.optim import make_optimizer
-from engine.core.protocol import check_model_contract
-from engine.core.sharding import TrainableMap, match_frozen, partition
+from engine.core.sharding import match_frozen
 from engine.core.state import NetworkState
-from engine.core.validation import (check_data, check_learning_rate, check_model, check_params,
-                                    check_processor_options, check_state)
+from engine.core.validation import check_params, check_processor_options
 from engine.parallel import memory, signals
-from engine.parallel import worker as ops
 from engine.parallel import workspace as ws
-from engine.parallel.barrier import Barriers
-from engine.parallel.pool import WorkerPool, default_start_method
-from engine.parallel.shm import check_shared_memory_space, sweep_orphaned_blocks
-from engine.parallel.system import usable_cores, worker_core_sets
-from engine.parallel.cross_node import NodeHop
+from engine.parallel.pool import default_start_method
+from engine.parallel.processor_pass import ProcessorPass
+from engine.parallel.processor_setup import ProcessorSetup
+from engine.parallel.system import usable_cores
 from engine.parallel.timeline import Timeline
-from engine.parallel.workspace import DataArrays, Workspace
 
 _warned_oversubscription = False
-_FINGERPRINT_ROWS = 64
 
 
-class ParallelBatchProcessor:
+class ParallelBatchProcessor(ProcessorSetup, ProcessorPass):
     """Splits every global batch across worker processes that share the model state in memory.
 
     Each step, the global batch of ``batch_size`` examples is cut into ``num_processes`` contiguous
@@ -137,6 +132,9 @@ class ParallelBatchProcessor:
         if self._executor is not None:
             self._executor.timeout_s = value
 
+    def _crosses_nodes(self):
+        return self.cluster is not None and self.cluster.size > 1
+
     # -- public API ------------------------------------------------------------------------------
     def run_parallel(self, examples, labels, initial_state, params=None):
         """One pass over ``examples`` in shuffled batches of ``batch_size``.
@@ -231,9 +229,6 @@ class ParallelBatchProcessor:
     def frozen(self):
         """The frozen weight names (see :meth:`set_frozen`)."""
         return self._frozen_names
-
-    def _trainable_map(self, layout):
-        return TrainableMap.of(layout, self._frozen_names)
 
     def forget_data(self):
         """Make the next call copy and validate its data again (after changing it in place)."""
@@ -335,417 +330,12 @@ class ParallelBatchProcessor:
         except Exception:
             pass
 
-    # -- setup -----------------------------------------------------------------------------------
-    def _prepare(self, examples, labels, state, reuse):
-        """Validate what the call received (data and state once each), start the workers for this
-        state's layout, and put the data in shared memory. Returns the number of rows."""
-        check_model(self.model)
-        layout = self._layout or self.model.init_state(self.seed).layout
-        if state is not self._returned_state or state is None:
-            check_state(state, layout)
-        key = _data_key(examples, labels) if reuse else None
-        if key is not None and key == self._data_key and self._running(state.layout):
-            return self._data_rows
-        examples, labels, num_outputs = self._check_model_and_data(state, examples, labels)
-        self._check_shared_space(state.layout, examples, num_outputs)
-        self._start(state.layout, num_outputs)
-        self._load_data(examples, labels)
-        self._data_key, self._data_rows = key, len(examples)
-        return len(examples)
-
-    def _check_model_and_data(self, state, examples, labels):
-        """Feature shape and outputs from the model's attributes (or a one-example prediction),
-        the data checked against them, and the model contract dry-run once per layout."""
-        shape, outputs = getattr(self.model, "input_shape", None), getattr(self.model, "num_outputs",
-                                                                            None)
-        if shape is None or outputs is None:
-            sample = np.asarray(examples)[:1]
-            try:
-                sample = sample.astype(np.float32)
-                outputs = np.asarray(self.model.predict(state, sample)).shape[-1]
-            except Exception as error:
-                raise ValueError(f"the model cannot take examples of feature shape "
-                                 f"{sample.shape[1:]}: a one-example dry run raised "
-                                 f"{type(error).__name__}: {error}") from None
-            shape = sample.shape[1:]
-        examples, labels = check_data(examples, labels, tuple(shape), int(outputs))
-        if self._contract_checked != state.layout and getattr(self.model, "dry_run_in_owner", True):
-            check_model_contract(self.model, state, examples[:2].astype(np.float32, copy=False),
-                                 labels[:2], int(outputs))
-            self._contract_checked = state.layout
-        return examples, labels, int(outputs)
-
-    def _workspace_spec(self, layout):
-        gradients = self.sync == "gradients"
-        trainable = self._trainable_map(layout)
-        return Workspace.make_spec(layout.size, layout.num_weights, self.num_processes,
-                                   versions=2 if gradients else 1,
-                                   optimizer_copies=1 if gradients else self.num_processes,
-                                   optimizer_buffers=self.optimizer.num_buffers,
-                                   slot_values=trainable.size if gradients else layout.size,
-                                   weight_ranges=trainable.weight_ranges)
-
-    def _running(self, layout):
-        """Whether the workers run for this layout and the current frozen set."""
-        return self._layout == layout and self._executor is not None and \
-            self._running_map == self._trainable_map(layout)
-
-    def _data_spec(self, rows, feature_shape, num_outputs):
-        return DataArrays.make_spec(rows, feature_shape, num_outputs, self.batch_size,
-                                    self.num_processes)
-
-    def _check_shared_space(self, layout, examples, num_outputs):
-        """Refuse, before creating anything, a run whose blocks do not fit in /dev/shm (a page
-        fault past a full tmpfs is a SIGBUS, not an error)."""
-        if self.num_processes == 1:
-            return
-        sizes = []
-        if not self._running(layout):
-            sizes.append(Workspace.nbytes(self._workspace_spec(layout)))
-        data = self._data
-        if sizes or data is None or data.spec["capacity"] < len(examples) or \
-                data.spec["feature_shape"] != tuple(examples.shape[1:]):
-            sizes.append(DataArrays.nbytes(self._data_spec(len(examples), examples.shape[1:],
-                                                           num_outputs)))
-        if sizes:
-            check_shared_memory_space(*sizes)
-
-    def _start(self, layout, num_outputs):
-        if self._running(layout):
-            return
-        self.close()
-        try:
-            self._start_workers(layout, num_outputs)
-        except BaseException:
-            self.close()  # a start that failed half way leaves nothing behind: the next call starts
-            raise
-
-    def _start_workers(self, layout, num_outputs):
-        sweep_orphaned_blocks()
-        spec = self._workspace_spec(layout)
-        shared = self.num_processes > 1
-        memory.check_fits(Workspace.nbytes(spec), self.num_processes if shared else 0,
-                          layout.size * 4)
-        self._work = work = Workspace(spec, shared=shared, create=True)
-        trainable = self._trainable_map(layout)
-        work.state_bounds[:] = partition(trainable.size, self.num_processes)  # compact numbering
-        work.control[ws.SEED] = self.seed
-        work.control[ws.MICRO_BATCH] = self.micro_batch_size or 0
-        work.control[ws.UPDATE_INTERVAL] = self.update_interval
-        work.control[ws.NODE_COUNT] = 1 if self.cluster is None else self.cluster.size
-        work.control[ws.NODE_RANK] = 0 if self.cluster is None else self.cluster.rank
-        kept, self._kept_optimizer = self._kept_optimizer, None
-        if self._pending_training_state is not None:
-            self._apply_training_state()
-        elif kept is not None and kept[0] == layout and kept[1].shape == work.optimizer.shape:
-            self._set_step(kept[2], kept[1])
-        self._num_outputs = num_outputs
-        # The owner never spins: its waits (the cross-node thread) must leave the cores to workers.
-        self._barriers = Barriers(work.arrivals, work.doorbell, work.abort, spin_s=0.0)
-        if shared:
-            kernels.warm_up()  # forked workers inherit compiled kernels
-            self._holds_sigterm = signals.hold()
-            self._executor = WorkerPool(
-                dict(model=self.model, layout=layout, optimizer=self.optimizer, sync=self.sync,
-                     workspace=work.spec, threads=self.threads_per_process,
-                     owner_pid=os.getpid()),
-                self.num_processes, self.start_method, self._timeout_s, self.max_restarts,
-                progress=self._worker_progress,
-                abort=self._barriers.abort_all, tick=self._tick,
-                core_sets=worker_core_sets(self.num_processes, self.threads_per_process,
-                                           *self._local_ranks) if self.bind_cores else None)
-        else:
-            self._executor = InProcessExecutor(ops.WorkerCore(0, self.model, layout,
-                                                              self.optimizer, work,
-                                                              sync=self.sync))
-        self._layout, self._running_map = layout, trainable
-
-    def _worker_progress(self, i):
-        """(heartbeat, waiting for a peer, current step) of worker i, for hang detection. A
-        worker marked waiting at a barrier that has already passed (stopped while asleep) is
-        not waiting for anyone."""
-        results = self._work.results[i]
-        waiting = bool(results[ws.WAITING])
-        if waiting:
-            kind, number = int(results[ws.WAIT_KIND]), int(results[ws.WAIT_ROUND])
-            only = int(results[ws.WAIT_ONLY])
-            counters = self._work.arrivals[kind, :, 0]
-            passed = counters[only] >= number if only >= 0 else counters.min() >= number
-            waiting = not passed
-        return results[ws.HEARTBEAT], waiting, int(results[ws.CURRENT_STEP])
-
-    def _load_data(self, examples, labels):
-        """Copy examples and labels into the data block (grown when too small); workers read
-        their shards through each pass's order."""
-        rows, feature_shape = len(examples), tuple(examples.shape[1:])
-        data = self._data
-        if data is None or data.spec["capacity"] < rows or \
-                data.spec["feature_shape"] != feature_shape:
-            if data is not None:
-                data.close()  # workers still map it until they attach the new block; that is fine
-            spec = self._data_spec(rows, feature_shape, self._num_outputs)
-            memory.check_fits(DataArrays.nbytes(spec), 0, 0)
-            self._data = data = DataArrays(spec, shared=self.num_processes > 1, create=True)
-            try:
-                self._executor.attach_data(data)
-            except BaseException:
-                self.close()
-                raise
-        chunk = max(1, (64 << 20) // max(1, examples[:1].nbytes))  # bound the temporary to ~64 MiB
-        for start in range(0, rows, chunk):
-            stop = min(rows, start + chunk)
-            data.examples[start:stop] = examples[start:stop]
-            data.labels[start:stop] = labels[start:stop]
-
-    def _load_state(self, state):
-        """Put ``state`` in shared memory, unless it is (a copy of) the state this processor
-        returned last: then the shared state, and in states mode the workers' local states, go on
-        from where they are."""
-        returned = self._returned_state
-        if returned is not None and (state is returned or np.array_equal(
-                state.buffer.view(np.uint32), returned.buffer.view(np.uint32))):
-            return
-        work = self._work
-        work.params[:] = state.buffer
-        if self._crosses_nodes():
-            self.cluster.bcast_(work.params)  # every node starts from rank 0's state
-        for start, stop in self._running_map.frozen_ranges:  # updates never write them
-            work.versions_of_params[:, start:stop] = work.params[start:stop]
-        work.control[ws.REFRESH] = 1.0
-        work.results[:, ws.SINCE_SYNC] = 0.0
-        self._steps_since_average = 0
-
-    def _current_state(self):
-        self._returned_state = NetworkState.from_buffer(self._layout, self._work.params.copy())
-        return self._returned_state
-
-    # -- a pass ----------------------------------------------------------------------------------
-    def _run_pass(self, kind, rows, learning_rate, clip_norm, ordered, end, one_step=False):
-        """Plan a pass in shared memory, let the workers run it, and collect its results."""
-        began = time.perf_counter()
-        work, data, control = self._work, self._data, self._work.control
-        base = int(control[ws.STEP])
-        num_steps = 1 if one_step else -(-rows // self.batch_size)
-        control[ws.PASS_KIND], control[ws.NUM_STEPS], control[ws.ROWS] = kind, num_steps, rows
-        control[ws.BATCH_SIZE] = rows if one_step else self.batch_size
-        control[ws.ORDERED] = 1.0 if ordered else 0.0
-        control[ws.CLIP_NORM] = math.nan if clip_norm is None else clip_norm
-        control[ws.SINCE_AVERAGE], control[ws.END_AVERAGE] = self._steps_since_average, end
-        if kind == ws.TRAIN:
-            data.step_learning_rates[:num_steps] = _learning_rates(learning_rate, base, num_steps)
-            self._adjust_micro_batch(base, rows)
-        data.records[:num_steps] = 0.0
-        work.results[:, ws.STOP_STEP] = ws.NOT_STOPPED
-        self._barriers.reset()
-        self._executor.reset_restart_budget()
-        # A failed call leaves the optimizer as it was at its start (the state is the caller's).
-        saved_optimizer = work.optimizer.copy() if kind == ws.TRAIN else None
-        hop = self._start_hop(kind, num_steps, clip_norm, end)
-        ran = time.perf_counter()
-        try:
-            self._executor.run(ops.RUN_PASS, base)
-            if hop is not None:
-                hop.join()
-        except BaseException:
-            if hop is not None:  # make a collective the hop waits in give up, then let it go
-                if hasattr(self.cluster, "interrupt"):
-                    self.cluster.interrupt()
-                hop.error = None
-                try:
-                    hop.join()
-                except BaseException:  # noqa: BLE001 - the first error is the one raised
-                    pass
-            if self._work is not None and saved_optimizer is not None:
-                self._set_step(base, saved_optimizer)
-            self.close()
-            raise
-        ended = time.perf_counter()
-        if self.timeline is not None:
-            self.timeline.add_pass(data.records[:num_steps], kind, self.sync, base, began, ran,
-                                   ended)
-        restarts, self._executor.restarts = self._executor.restarts, []
-        if kind == ws.TRAIN:
-            self._finish_training_pass(base, num_steps, end)
-        results = _collect(data.records[:num_steps], data.step_learning_rates[:num_steps],
-                           kind, self.sync, ran, ended)
-        if hop is not None and self.sync == "states":  # the nodes' losses, one exchange a pass
-            counts = results["examples"].astype(np.float64)
-            exchanged = np.concatenate([counts * results["loss"], counts]).astype(np.float32)
-            self.cluster.mean_(exchanged, 1.0)  # every node weighs 1: the mean over nodes
-            sums, totals = np.split(exchanged.astype(np.float64) * self.cluster.size, 2)
-            results["loss"] = sums / np.maximum(totals, 1.0)
-        if hop is not None:  # the global figures, same on every node
-            done = len(hop.losses)
-            results["loss"][:done], results["grad_norm"][:done] = hop.losses, hop.norms
-            results["examples"][:] = [min(self.batch_size, rows - k * self.batch_size)
-                                      for k in range(num_steps)]
-            results["mean_loss"] = float(np.dot(results["loss"], results["examples"]) /
-                                         results["examples"].sum())
-        results["peak_rss_bytes"] = work.results[:, ws.PEAK_RSS].astype(np.int64)
-        results["restarts"] = restarts
-        results["micro_batch_changes"], self._micro_batch_changes = self._micro_batch_changes, []
-        if kind == ws.EVALUATE:
-            results["predictions"] = data.predictions[:rows].copy()
-        return results
-
-    def _crosses_nodes(self):
-        return self.cluster is not None and self.cluster.size > 1
-
-    def _start_hop(self, kind, num_steps, clip_norm, end):
-        """The owner's cross-node thread for a training pass across nodes, or None."""
-        control = self._work.control
-        crossing = kind == ws.TRAIN and self._crosses_nodes()
-        control[ws.CROSS_NODE] = 1.0 if crossing else 0.0
-        # Evaluation runs the whole data on every node (nothing to exchange).
-        control[ws.NODE_COUNT] = self.cluster.size if crossing else 1
-        if not crossing:
-            return None
-        since, interval = self._steps_since_average, self.update_interval
-        averages = (since + num_steps) // interval - since // interval
-        if end != ws.END_NONE and (since + num_steps) % interval:
-            averages += 1
-        self._barriers.always_ring = True  # the owner's thread and the workers wait on each other
-        hop = NodeHop(self.cluster, self._work, self._data, self._barriers)
-        hop.start(num_steps, clip_norm, self.sync, averages,
-                  into_reduced=end == ws.END_MEAN_INTO_REDUCED and (since + num_steps) % interval)
-        return hop
-
-    def _finish_training_pass(self, base, num_steps, end):
-        work, records = self._work, self._data.records
-        stops = work.results[:, ws.STOP_STEP]
-        if np.any(stops >= 0):
-            k = int(stops[stops >= 0].min())
-            row = records[k]
-            loss = float(np.dot(row[:, ws.R_COUNT], row[:, ws.R_LOSS]) / max(1, row[:, ws.R_COUNT].sum()))
-            if not np.isfinite(loss):
-                what = "the loss is"
-            elif not np.all(np.isfinite(row[:, ws.R_SUM_SQUARES])):
-                what = "the gradients are"
-            else:
-                what = "the updated parameters are"
-            # Gradients mode: step k's update went into the next version, the current one is the
-            # last good state. States mode: ``params`` holds the last average.
-            work.control[ws.STEP] = base + k
-            if self.sync == "states":
-                work.control[ws.REFRESH] = 1.0
-                self._steps_since_average = 0
-            last_good = NetworkState.from_buffer(self._layout, work.params.copy())
-            self._returned_state = None
-            raise NonFiniteLossError(base + k, loss, last_good, what=what)
-        work.control[ws.STEP] = base + num_steps
-        if self.sync == "states":
-            work.control[ws.REFRESH] = 0.0
-            since = self._steps_since_average + num_steps
-            self._steps_since_average = 0 if end == ws.END_AVERAGE_STATES else \
-                since % self.update_interval
-
-    def _adjust_micro_batch(self, step, rows):
-        """Under memory pressure, halve the workers' micro-batch (the maths stays the same);
-        checked at the start of each pass and, through the pool's tick, every half second of it
-        (workers read the micro-batch at every step)."""
-        self._pass_rows = rows
-        control = self._work.control
-        current = int(control[ws.MICRO_BATCH])
-        chosen = self._governor.adjust(time.monotonic(), current,
-                                       -(-min(rows, self.batch_size) // self.num_processes))
-        if chosen != current:
-            control[ws.MICRO_BATCH] = chosen
-            self._micro_batch_changes.append({"step": step, "micro_batch_size": chosen})
-
-    def _tick(self):
-        """The owner's periodic work while workers run a pass."""
-        work = self._work
-        if work is not None and int(work.control[ws.PASS_KIND]) == ws.TRAIN:
-            step = int(work.results[:, ws.CURRENT_STEP].max())
-            self._adjust_micro_batch(step, getattr(self, "_pass_rows", self.batch_size))
-
-
-class InProcessExecutor:
-    """Runs the worker maths in this process (num_processes=1), answering the pool's calls."""
-
-    def __init__(self, core):
-        self.core, self.restarts, self.pids, self.timeout_s = core, [], [], None
-
-    def run(self, op, step=None):
-        self.core.run(op)
-
-    def attach_data(self, data):
-        self.core.data = data
-        self.core._rows_buffer = None
-
-    def reset_restart_budget(self):
-        pass
-
-    def close(self):
-        self.core = None
-
 
 def _make_cluster(cluster, timeout_s):
     if cluster is None or hasattr(cluster, "mean_"):
         return cluster
     from engine.parallel.cluster import make_cluster  # imports mpi4py only when asked for
     return make_cluster(cluster, timeout_s=timeout_s)
-
-
-def _data_key(examples, labels):
-    """What identifies a data set between calls: the array objects themselves (weakly), their
-    memory, shape and dtype, and the bytes of a fingerprint of rows spread over them."""
-    if not (isinstance(examples, np.ndarray) and isinstance(labels, np.ndarray)) or \
-            examples.ndim == 0 or labels.ndim != 1 or len(examples) == 0 or \
-            len(labels) != len(examples):
-        return None  # not reusable: check_data says what is wrong
-    rows = np.unique(np.linspace(0, len(examples) - 1, _FINGERPRINT_ROWS).astype(np.int64))
-    fingerprint = hash(np.ascontiguousarray(examples[rows]).tobytes() +
-                       np.ascontiguousarray(labels[rows % len(labels)]).tobytes())
-    return (_Same(examples), _Same(labels), examples.shape, examples.dtype.str,
-            examples.__array_interface__["data"][0], labels.shape, labels.dtype.str,
-            labels.__array_interface__["data"][0], fingerprint)
-
-
-class _Same:
-    """Equal only to a key of the very same (still living) object."""
-
-    def __init__(self, obj):
-        self._ref = weakref.ref(obj)
-
-    def __eq__(self, other):
-        return isinstance(other, _Same) and self._ref() is not None and self._ref() is other._ref()
-
-    def __hash__(self):
-        return id(self._ref())
-
-
-def _learning_rates(learning_rate, base, num_steps):
-    if not callable(learning_rate):
-        return learning_rate
-    return [check_learning_rate(learning_rate(base + k), base + k) for k in range(num_steps)]
-
-
-def _collect(records, learning_rates, kind, sync, began, ended):
-    """Per-step results from the workers' records (steps x workers x fields)."""
-    counts = records[:, :, ws.R_COUNT]
-    examples = counts.sum(axis=1)
-    loss = (counts * records[:, :, ws.R_LOSS]).sum(axis=1) / np.maximum(examples, 1)
-    compute_s = records[:, :, ws.R_COMPUTE_S].max(axis=1)
-    started = records[:, 0, ws.R_STARTED]
-    if kind == ws.TRAIN and sync == "gradients":
-        computed, finished = records[:, 0, ws.R_COMPUTED], records[:, 0, ws.R_ENDED]
-        # A step lasts from its start to the next one's (the work between steps counts too).
-        wall_s = np.diff(np.append(started, finished[-1:]))
-        sync_s = finished - computed
-        wait_s = np.maximum(0.0, (computed - started) - compute_s)
-        grad_norm = np.sqrt(records[:, :, ws.R_SUM_SQUARES].sum(axis=1))
-    else:  # no barrier per step: a step lasts until the next one starts
-        wall_s = np.diff(np.append(started, ended))
-        sync_s = np.maximum(0.0, wall_s - compute_s)
-        wait_s = np.zeros(len(records))
-        grad_norm = np.full(len(records), np.nan)
-    results = dict(loss=loss, examples=examples.astype(np.int64), compute_s=compute_s,
-                   sync_s=sync_s, wait_s=wait_s, wall_s=wall_s, grad_norm=grad_norm,
-                   learning_rate=np.array(learning_rates, dtype=np.float64).copy()
-                   if kind == ws.TRAIN else np.full(len(records), np.nan))
-    results["mean_loss"] = float(np.dot(loss, examples) / max(1, examples.sum()))
-    return results
 
 
 def _warn_oversubscription(num_processes, cores):

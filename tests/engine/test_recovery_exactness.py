@@ -4,7 +4,7 @@ half way leaves the processor usable; states mode goes on from a copy of the sta
 import numpy as np
 import pytest
 
-import engine.parallel.processor
+import engine.parallel.processor_setup
 from engine import ParallelBatchProcessor, WorkerError
 from models import MLP
 
@@ -50,7 +50,7 @@ def test_a_failed_call_rolls_the_optimizer_back_with_the_weights(blobs, monkeypa
 
 def test_a_start_that_fails_half_way_leaves_the_processor_usable(blobs, monkeypatch,
                                                                  live_children):
-    real_pool, calls = engine.parallel.processor.WorkerPool, []
+    real_pool, calls = engine.parallel.processor_setup.WorkerPool, []
 
     def failing_once(*args, **kwargs):
         calls.append(1)
@@ -58,7 +58,7 @@ def test_a_start_that_fails_half_way_leaves_the_processor_usable(blobs, monkeypa
             raise OSError("no more processes (injected)")
         return real_pool(*args, **kwargs)
 
-    monkeypatch.setattr(engine.parallel.processor, "WorkerPool", failing_once)
+    monkeypatch.setattr(engine.parallel.processor_setup, "WorkerPool", failing_once)
     with ParallelBatchProcessor(MODEL, num_processes=2, batch_size=50) as processor:
         with pytest.raises(OSError, match="injected"):
             processor.run_parallel(*blobs, MODEL.init_state(0), {"learning_rate": 0.01})
