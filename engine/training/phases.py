@@ -94,6 +94,40 @@ def make_plan(phases, *, learning_rate, schedule):
     return plan
 
 
+def plan_epochs(phases, epochs, *, freeze, learning_rate, schedule):
+    """The trainer's phase plan (one phase without ``phases``) and the last epoch to train.
+
+    Args:
+        phases: the trainer's ``phases=`` (None, or as for :func:`make_plan`).
+        epochs: the last epoch; required without phases, at most their total (the default) with.
+        freeze, learning_rate, schedule: the trainer's, for the single phase without ``phases``.
+    Returns:
+        ``(plan, epochs)``.
+    """
+    if phases is None:
+        _check_epochs(epochs)
+        freeze = freeze or ()
+        plan = [Phase(epochs, 0, tuple(freeze) if isinstance(freeze, (list, tuple))
+                      else (freeze,), learning_rate, schedule, False)]
+        return plan, epochs
+    plan = make_plan(phases, learning_rate=learning_rate, schedule=schedule)
+    total = sum(phase.epochs for phase in plan)
+    if epochs is None:
+        return plan, total
+    _check_epochs(epochs)
+    if epochs > total:
+        raise ValueError(f"epochs={epochs} is past the end of the phases ({total} epochs in "
+                         "all). Leave epochs out to train every phase, or add a phase.")
+    return plan, epochs
+
+
+def _check_epochs(epochs):
+    # The same message as the trainer's other positive-int options.
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int. Received: epochs={epochs!r}. It is the "
+                         "number of the last epoch to train.")
+
+
 def phase_schedules(plan):
     """One Schedule per phase, each over that phase's epochs."""
     return [phase.schedule if isinstance(phase.schedule, Schedule) else

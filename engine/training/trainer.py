@@ -22,17 +22,17 @@ import warnings
 import numpy as np
 
 from engine.training.callbacks import CSVLogger, ModelCheckpoint, ProgressBar
-from engine.training.checkpoint import check_resumable, load_checkpoint, save_checkpoint
+from engine.training.checkpoint import load_checkpoint
 from engine.training.datasets import (Feed, Standardizer, Subset, as_labels, check_every_class,
                              check_features, check_labels, describe, stratified_split)
 from engine.training.evaluation import _predict, evaluate
 from engine.training.history import History, merge_results
 from engine.training.losses import make_loss
-from engine.training.phases import (Phase, make_plan, phase_index, phase_schedules,
-                                    plan_to_json)
+from engine.training.phases import phase_index, phase_schedules, plan_epochs
+from engine.training.resume import ResumeMixin
 from engine.training.run_folder import hold_run_folder, run_folder_of
 from engine.backends.device import make_processor
-from engine.training.schedules import Schedule, make_schedule
+from engine.training.schedules import Schedule
 from engine.parallel.system import available_memory_bytes, usable_cores
 from engine.core.sharding import match_frozen
 
@@ -47,7 +47,7 @@ HANG_TIMEOUT_FLOOR_S = 60.0
 HANG_TIMEOUT_STEPS = 20
 
 
-class Trainer:
+class Trainer(ResumeMixin):
     """Trains a model with a ParallelBatchProcessor, one ``run_parallel`` pass per epoch.
 
     Args:
@@ -176,7 +176,8 @@ class Trainer:
         Raises:
             ValueError (DataError) for bad data or options, before any worker starts.
         """
-        epochs = self._plan_phases(epochs)
+        self._plan, epochs = plan_epochs(self.phases, epochs, freeze=self.freeze,
+                                         learning_rate=self.learning_rate, schedule=self.schedule)
         self.epochs = epochs
         x_train, y_train, x_val, y_val = self._prepare_data(x, y, validation_data,
                                                             validation_split, check_data)
@@ -190,8 +191,7 @@ class Trainer:
                              "checkpoint written by the trainer (ModelCheckpoint).")
         self.standardizer = (Standardizer.from_arrays(checkpoint.arrays) if checkpoint else None) \
             or (Standardizer.fit(x_train) if self.standardize else None)
-        self._schedules = [self._make_schedule(epochs)] if self.phases is None else \
-            phase_schedules(self._plan)
+        self._schedules = phase_schedules(self._plan)  # without phases: one, over all epochs
         self._schedule, self._frozen_now = self._schedules[0], ()
         self.model = self._model_with_loss(y_train)
         self._train = Feed(x_train, y_train, self.standardizer, self.memory_limit_bytes)
@@ -236,26 +236,6 @@ class Trainer:
                         standardizer=self.standardizer,
                         num_processes=self.processor_options["num_processes"],
                         batch_size=self.processor_options["batch_size"])
-
-    def save_checkpoint(self, path):
-        """Write a resumable checkpoint of the current epoch (atomic; see engine.training.checkpoint).
-
-        With an output_dir, checkpoints/last.h5 is written after every epoch: Ctrl-C or SIGTERM
-        (SystemExit while workers run) leaves the last completed epoch there for ``resume``."""
-        arrays = dict(self.standardizer.arrays()) if self.standardizer else {}
-        states = {}
-        for key, callback in self._callback_keys.items():
-            states[key] = callback.get_state()
-            arrays.update({f"{key}/{name}": a for name, a in callback.get_arrays().items()})
-        phase = phase_index(self._plan, self._epochs_done - 1) if self._epochs_done else 0
-        schedule = self._schedules[phase]
-        trainer = {"epoch": self._epochs_done, "history": self.history.to_dict(),
-                   "phase": phase + 1, "phases": plan_to_json(self._plan),
-                   "schedule": {"type": type(schedule).__name__, "state": schedule.get_state()},
-                   "callbacks": states, "stream_rng": self._stream_rng.bit_generator.state,
-                   "signature": self._signature()}
-        save_checkpoint(path, self.state, metadata=self._metadata(), arrays=arrays,
-                        training_state=self._processor.training_state(), trainer=trainer)
 
     # -- setup -----------------------------------------------------------------------------------
     def _hold_output_dir(self, resume):
@@ -304,25 +284,6 @@ class Trainer:
         self.loss = loss
         return self._base_model.with_loss(loss)
 
-    def _plan_phases(self, epochs):
-        """The phase plan (one phase without ``phases``) and the last epoch; returns epochs."""
-        if self.phases is None:
-            _check_positive_int(epochs, "epochs", "It is the number of the last epoch to train.")
-            freeze = self.freeze or ()
-            self._plan = [Phase(epochs, 0, tuple(freeze) if isinstance(freeze, (list, tuple))
-                                else (freeze,), self.learning_rate, self.schedule, False)]
-            return epochs
-        self._plan = make_plan(self.phases, learning_rate=self.learning_rate,
-                               schedule=self.schedule)
-        total = sum(phase.epochs for phase in self._plan)
-        if epochs is None:
-            return total
-        _check_positive_int(epochs, "epochs", "It is the number of the last epoch to train.")
-        if epochs > total:
-            raise ValueError(f"epochs={epochs} is past the end of the phases ({total} epochs in "
-                             "all). Leave epochs out to train every phase, or add a phase.")
-        return epochs
-
     def _enter_phase(self, epoch):
         """At each epoch: the phase's frozen weights, and at a later phase's first epoch a fresh
         optimizer (reset_optimizer). Returns the phase's index."""
@@ -335,11 +296,6 @@ class Trainer:
             self._frozen_now = phase.freeze
         self._schedule = self._schedules[index]
         return index
-
-    def _make_schedule(self, epochs):
-        if isinstance(self.schedule, Schedule):
-            return self.schedule
-        return make_schedule(self.schedule, self.learning_rate, epochs=epochs)
 
     def _all_callbacks(self, validating):
         callbacks = list(self.callbacks)
@@ -372,56 +328,6 @@ class Trainer:
         for callback in callbacks:
             callback.trainer = self
         return callbacks
-
-    def _restore(self, checkpoint, callbacks, path):
-        self.state.check_matches(checkpoint.state, f"the state in {path!r}")
-        check_resumable(checkpoint, path)
-        self.state = checkpoint.state
-        self._processor.load_training_state(checkpoint.training_state)
-        saved = checkpoint.trainer
-        self.initial_epoch = self._epochs_done = int(saved["epoch"])
-        self.history = History.from_dict(saved.get("history", {}))
-        differences = {k: (v, saved.get("signature", {}).get(k)) for k, v in
-                       self._signature().items() if saved.get("signature", {}).get(k) != v}
-        if differences:
-            warnings.warn(f"resuming {path!r} with different settings {differences} (now, "
-                          "saved): the run will not match an uninterrupted one.", RuntimeWarning,
-                          stacklevel=3)
-        schedule = saved.get("schedule", {})
-        phase = self._schedules[min(len(self._schedules), max(1, int(saved.get("phase", 1)))) - 1]
-        if schedule.get("type") == type(phase).__name__:  # the schedule of the saved epoch's phase
-            phase.set_state(schedule.get("state", {}))
-        self._stream_rng.bit_generator.state = saved["stream_rng"]
-        for key, callback in self._callback_keys.items():
-            if key in saved.get("callbacks", {}):
-                callback.set_state(saved["callbacks"][key])
-                prefix = key + "/"
-                callback.set_arrays({name[len(prefix):]: array for name, array in
-                                     checkpoint.arrays.items() if name.startswith(prefix)})
-
-    def _signature(self):
-        options = self.processor_options
-        return {"batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                "num_processes": options["num_processes"] or usable_cores(),
-                "sync": options["sync"], "update_interval": options["update_interval"],
-                "optimizer": repr(self._processor.optimizer), "seed": self.seed,
-                "clip_norm": self.clip_norm, "loss": None if self.loss is None else
-                self.loss.get_config(),
-                "phases": None if self.phases is None else plan_to_json(self._plan),
-                "freeze": list(self._plan[0].freeze) or None if self.phases is None else None}
-
-    def _metadata(self):
-        metadata = dict(self.metadata)
-        metadata.setdefault("model", {"class": f"{type(self.model).__module__}."
-                                               f"{type(self.model).__name__}",
-                                      "repr": repr(self.model)})
-        metadata["loss"] = None if self.loss is None else self.loss.get_config()
-        metadata["num_classes"] = int(self.model.num_outputs)
-        metadata["epoch"] = self._epochs_done
-        done = self._epochs_done - 1
-        metadata["phase"] = phase_index(self._plan, done) + 1 if done >= 0 else 0
-        metadata["freeze"] = list(self._plan[max(0, metadata["phase"] - 1)].freeze)
-        return metadata
 
     # -- the loop --------------------------------------------------------------------------------
     def _loop(self, callbacks):
