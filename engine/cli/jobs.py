@@ -1,4 +1,5 @@
-"""What the ``train``, ``evaluate`` and ``info`` commands do, callable without the command line.
+"""What the ``train`` and ``evaluate`` commands do, callable without the command line (``info``:
+engine.cli.system_report).
 
     results = run_train({**DEFAULTS, "data": "my_data/", "epochs": 20, "output_dir": "runs/a"})
     results = run_evaluate("runs/a/model.h5")
@@ -9,9 +10,6 @@ same test examples from the configuration stored in the checkpoint.
 """
 import json
 import os
-import platform
-import shutil
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -25,11 +23,11 @@ from engine.cli.config import (build_callbacks, build_loss, build_model, build_p
 from engine.training.datasets import (DataError, Dataset, Standardizer, Subset, check_every_class,
                              check_features, check_labels, load_dataset, stratified_split)
 from engine.cli.reports import write_report
-from engine.parallel.system import available_memory_bytes, usable_cores
+from engine.parallel.system import usable_cores
 from engine.training.run_folder import check_run_folder, hold_run_folder, run_folder_of
 from engine.training.trainer import Trainer, evaluate
 
-__all__ = ["prepare_data", "run_train", "run_evaluate", "system_info"]
+__all__ = ["prepare_data", "run_train", "run_evaluate"]
 
 MNIST1D = "MNIST-1D (bundled)"
 
@@ -355,60 +353,3 @@ def run_evaluate(checkpoint_path, *, data=None, split="test", output_dir=None, w
 
 def _count(labels):
     return 0 if labels is None else len(labels)
-
-
-def system_info(*, probe_tensorflow=True):
-    """Cores, memory, library versions, and GPUs seen (nvidia-smi; TensorFlow in a subprocess)."""
-    from importlib import metadata
-    versions = {}
-    for package in ("numpy", "numba", "scikit-learn", "h5py", "matplotlib", "tensorflow",
-                    "tensorflow-cpu", "tensorboard"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    tensorflow = versions.pop("tensorflow") or versions.pop("tensorflow-cpu")
-    versions.pop("tensorflow-cpu", None)
-    info = {"python": platform.python_version(), "platform": platform.platform(),
-            "usable_cores": usable_cores(), "cpu_count": os.cpu_count(),
-            "memory_total_bytes": _total_memory(),
-            "memory_available_bytes": available_memory_bytes(),
-            "versions": versions, "tensorflow": tensorflow, "gpus": _nvidia_gpus(),
-            "tensorflow_gpus": None}
-    try:
-        import numba
-        info["numba_threads"] = numba.config.NUMBA_NUM_THREADS
-    except ImportError:
-        info["numba_threads"] = None
-    if tensorflow and probe_tensorflow:
-        info["tensorflow_gpus"] = _tensorflow_gpus()
-    return info
-
-
-def _total_memory():
-    import psutil
-    return psutil.virtual_memory().total
-
-
-def _nvidia_gpus():
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line.strip() for line in listing.stdout.splitlines() if line.startswith("GPU")]
-
-
-def _tensorflow_gpus():
-    """GPUs TensorFlow sees, asked in a child process: importing TensorFlow here would cost
-    seconds and hundreds of MB in this process (and in every worker forked from it)."""
-    code = ("import json, tensorflow as tf; print(json.dumps([d.name for d in "
-            "tf.config.list_physical_devices('GPU')]))")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    try:
-        child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                               timeout=120, env=env)
-        return json.loads(child.stdout.strip().splitlines()[-1])
-    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
-        return None

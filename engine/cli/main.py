@@ -252,7 +252,7 @@ def _bench(args):
 
 
 def _info(args):
-    from engine.cli.jobs import system_info
+    from engine.cli.system_report import system_info
     info = system_info(probe_tensorflow=args.probe_tensorflow)
     if args.json:
         print(json.dumps(info, indent=2))
