@@ -39,7 +39,9 @@ def _orthogonal(units, columns, rng):
 
 
 def _step_order(timesteps, reverse):
-    return list(range(timesteps - 1, -1, -1) if reverse else range(timesteps))
+    """The timesteps in reading order, as the int64 array the compiled loops take."""
+    order = np.arange(timesteps, dtype=np.int64)
+    return order[::-1].copy() if reverse else order
 
 
 COMPILED_LOOPS = True  # False: always the Python loops (tests compare the two)
@@ -50,10 +52,6 @@ def _compiled_loop(dtype):
     functions = numpy_gemm() if COMPILED_LOOPS else None
     return None if functions is None else functions.get(np.dtype(dtype).type)
 
-
-def _order_array(timesteps, reverse):
-    order = np.arange(timesteps, dtype=np.int64)
-    return order[::-1].copy() if reverse else order
 
 
 class _Recurrent(Layer):
@@ -174,13 +172,13 @@ class LSTM(_Recurrent):
         gemm = _compiled_loop(dtype)
         if gemm is not None:
             loops.lstm_forward(gemm, *gates, cells, tanh_cells, outputs, states, projections,
-                               np.ascontiguousarray(recurrent_kernel, dtype), bias.astype(dtype),
-                               _order_array(steps, self._reverse), self.return_sequences,
-                               direction)
+                               np.ascontiguousarray(recurrent_kernel, dtype),
+                               bias.astype(dtype, copy=False), _step_order(steps, self._reverse),
+                               self.return_sequences, direction)
             return dict(x=x, states=states, gates=gates, cells=cells, tanh_cells=tanh_cells)
         recurrent = np.zeros((n, 4 * units), dtype)
         carry = np.zeros((n, units), dtype)
-        order = _step_order(steps, self._reverse)
+        order = _step_order(steps, self._reverse).tolist()
         states[:, order[0]] = 0
         for k, t in enumerate(order):
             if k:  # the first step starts from h = 0: no recurrent product
@@ -206,13 +204,13 @@ class LSTM(_Recurrent):
         if gemm is not None:
             loops.lstm_backward(gemm, dgates, dbias, doutputs, *gates, cache["cells"],
                                 cache["tanh_cells"], recurrent_transposed.astype(dtype, copy=False),
-                                _order_array(steps, self._reverse), self.return_sequences,
+                                _step_order(steps, self._reverse), self.return_sequences,
                                 direction)
             return _input_and_weight_grads(x, states, dgates, dgates, weights, dbias.reshape(-1),
                                            need_input_grad)
         dcells = np.zeros((n, units), dtype)
         dstates = np.zeros((n, units), dtype)
-        order = _step_order(steps, self._reverse)
+        order = _step_order(steps, self._reverse).tolist()
         for k in range(steps - 1, -1, -1):
             t = order[k]
             out_t = self._out_step(t) if (self.return_sequences or k == steps - 1) else -1
@@ -264,12 +262,12 @@ class GRU(_Recurrent):
         gemm = _compiled_loop(dtype)
         if gemm is not None:
             loops.gru_forward(gemm, *gates, outputs, states, projections,
-                              np.ascontiguousarray(recurrent_kernel, dtype), bias.astype(dtype),
-                              _order_array(steps, self._reverse), self.return_sequences,
-                              direction)
+                              np.ascontiguousarray(recurrent_kernel, dtype),
+                              bias.astype(dtype, copy=False), _step_order(steps, self._reverse),
+                              self.return_sequences, direction)
             return dict(x=x, states=states, gates=gates)
         recurrent = np.zeros((n, 3 * units), dtype)
-        order = _step_order(steps, self._reverse)
+        order = _step_order(steps, self._reverse).tolist()
         states[:, order[0]] = 0
         for k, t in enumerate(order):
             if k:
@@ -293,13 +291,13 @@ class GRU(_Recurrent):
         if gemm is not None:
             loops.gru_backward(gemm, dinputs, drecurrent, dinput_bias, drecurrent_bias, doutputs,
                                *gates, states, recurrent_transposed.astype(dtype, copy=False),
-                               _order_array(steps, self._reverse), self.return_sequences,
+                               _step_order(steps, self._reverse), self.return_sequences,
                                direction)
             return _input_and_weight_grads(x, states, dinputs, drecurrent, weights, dbias,
                                            need_input_grad)
         dprevious = np.zeros((n, units), dtype)
         dstates = np.zeros((n, units), dtype)
-        order = _step_order(steps, self._reverse)
+        order = _step_order(steps, self._reverse).tolist()
         for k in range(steps - 1, -1, -1):
             t = order[k]
             out_t = self._out_step(t) if (self.return_sequences or k == steps - 1) else -1
