@@ -82,8 +82,20 @@ def test_a_stopped_worker_does_not_stall_the_cli(tmp_path):
         _wait_for(lambda: _rows(out / "history.csv") >= 1, 120, "the first epoch")
         owner = psutil.Process(run.pid)
         # Forked workers carry the owner's command line; anything else (resource tracker, a
-        # short-lived `uname` run by the platform module) is not a worker.
-        workers = [child for child in owner.children() if child.cmdline() == owner.cmdline()]
+        # short-lived `uname` run by the platform module) is not a worker. A subprocess the owner
+        # starts carries that command line too for the moment between its fork and its exec
+        # (seen in CI as a third "worker"), so look until only the two workers match.
+        def workers():
+            found = []
+            for child in owner.children():
+                try:
+                    if child.cmdline() == owner.cmdline():
+                        found.append(child)
+                except psutil.NoSuchProcess:  # a short-lived child that has just exited
+                    pass
+            return found
+        _wait_for(lambda: len(workers()) == 2, 30, "exactly the two workers")
+        workers = workers()
         assert len(workers) == 2
         stopped = workers[1]
         stopped.send_signal(signal.SIGSTOP)
