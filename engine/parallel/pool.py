@@ -30,6 +30,7 @@ import multiprocess
 from engine.core.errors import WorkerCrashedError, WorkerError, WorkerTimeoutError
 from engine.parallel.faults import parse_faults
 from engine.parallel.shm import log_directory_prefix
+from engine.parallel.system import keep_freed_memory
 from engine.parallel.worker import ATTACH_DATA, FAILED, STOP, receive_message, send_message
 from engine.parallel.worker_process import worker_main
 
@@ -298,9 +299,16 @@ class WorkerPool:
 
 
 class InProcessExecutor:
-    """Runs the worker maths in this process (num_processes=1), answering the pool's calls."""
+    """Runs the worker maths in this process (num_processes=1), answering the pool's calls.
+
+    This process then keeps freed memory for reuse, as every worker does
+    (``engine.parallel.system.keep_freed_memory``): otherwise glibc returns a step's large
+    temporaries to the OS and the next step faults them in again (the MNIST-1D CNN's steps took
+    twice as long).
+    """
 
     def __init__(self, core):
+        keep_freed_memory()
         self.core, self.restarts, self.pids, self.timeout_s = core, [], [], None
 
     def run(self, op, step=None):

@@ -48,7 +48,9 @@ class ParallelBatchProcessor(ProcessorSetup, ProcessorPass):
         model: an object following the model protocol (see ``models``); checked by a dry run on
             two examples before any worker starts.
         num_processes: worker processes; None means one per usable core (affinity and cgroups).
-            1 runs in this process with the same maths (the debugging mode and test oracle).
+            1 runs in this process with the same maths (the debugging mode and test oracle);
+            this process then keeps freed memory for reuse as workers do (glibc ``mallopt``,
+            ``engine.parallel.system.keep_freed_memory``).
         batch_size: global batch size (examples per step, all workers together).
         sync: "gradients" or "states". update_interval: steps between averages (states mode).
         optimizer: "sgd", "adam", "adamw", or an object such as ``engine.SGD(momentum=0.9)``.
