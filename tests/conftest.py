@@ -42,6 +42,19 @@ def _our_children():
     return children
 
 
+@pytest.fixture(autouse=True, scope="session")
+def session_cache_directory(tmp_path_factory):
+    """Generated data sets (MNIST-1D) are cached in this session's temporary folder, not in the
+    user's ~/.cache; set in the environment so the CLI tests' subprocesses use it too."""
+    saved = os.environ.get("ENGINE_CACHE_DIR")
+    os.environ["ENGINE_CACHE_DIR"] = str(tmp_path_factory.mktemp("engine_cache"))
+    yield
+    if saved is None:
+        os.environ.pop("ENGINE_CACHE_DIR", None)
+    else:
+        os.environ["ENGINE_CACHE_DIR"] = saved
+
+
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Fail a test that leaves a shared-memory segment, a log folder or a live child behind."""
