@@ -142,8 +142,16 @@ def memory_of(pids):
     import psutil
     memory = []
     for pid in pids:
-        info = psutil.Process(pid).memory_full_info()
-        memory.append(dict(rss_bytes=info.rss, pss_bytes=info.pss, uss_bytes=info.uss))
+        process = psutil.Process(pid)
+        info = process.memory_full_info()
+        # The part of RSS that is the engine's shared memory (data set, state, slots): one copy
+        # in the machine, counted in full in every process that mapped it.
+        folder = (os.environ.get("ENGINE_SHM_DIR") or "/dev/shm").rstrip("/")
+        engine_shm = sum(m.rss for m in process.memory_maps(grouped=True)
+                         if os.path.dirname(m.path) == folder and
+                         os.path.basename(m.path).startswith("engine_"))
+        memory.append(dict(rss_bytes=info.rss, pss_bytes=info.pss, uss_bytes=info.uss,
+                           engine_shm_rss_bytes=engine_shm))
     return memory
 
 
@@ -355,7 +363,9 @@ def _summarize(runners, cores, lstm):
             step_mean_s=steady / sum(e["steps"] - SKIP_STEPS for e in epochs),
             peak_rss_bytes=epochs[-1]["rss_bytes"], final_loss=epochs[-1]["loss"],
             pss_bytes=[m["pss_bytes"] for m in epochs[-1]["memory"]],
-            uss_bytes=[m["uss_bytes"] for m in epochs[-1]["memory"]], epochs=epochs)
+            uss_bytes=[m["uss_bytes"] for m in epochs[-1]["memory"]],
+            engine_shm_rss_bytes=[m["engine_shm_rss_bytes"] for m in epochs[-1]["memory"]],
+            epochs=epochs)
     rate = {label: c["steady_samples_per_s"] for label, c in configurations.items()}
     native = rate[f"native {cores}p"]
     ddp = rate.get(f"torch DDP {cores}x1", float("nan"))
@@ -378,6 +388,11 @@ def _print_summary(summary, cores):
                                                     c["uss_bytes"]))
         print(f"  {label:<18} {c['steady_samples_per_s']:>10,.0f} {per_epoch:>22} "
               f"{format_seconds(c['step_mean_s']):>10} {memory:>44}")
+    native = summary["configurations"][f"native {cores}p"]
+    mib = lambda values: ", ".join(f"{v / 2**20:,.0f}" for v in values)  # noqa: E731
+    print(f"  native workers' RSS {mib(native['peak_rss_bytes'])} MiB, of which the engine's "
+          f"shared memory (data set, state; one copy for all) {mib(native['engine_shm_rss_bytes'])}"
+          " MiB")
     lstm = ", ".join(f"{name} {ms:.2f} ms" for name, ms in summary["lstm_direction_ms"].items())
     print(f"  native 1 thread / torch 1 thread: "
           f"{summary['native_1_thread_vs_torch_1_thread']:.2f}; one LSTM direction forward + "
