@@ -140,13 +140,13 @@ def memory_of(pids):
     engine's data set and state) and of memory inherited by fork in full in every process that
     touched it; PSS adds up to what the processes use together."""
     import psutil
+    # The part of RSS that is the engine's shared memory (data set, state, slots): one copy in
+    # the machine, counted in full in every process that mapped it.
+    folder = (os.environ.get("ENGINE_SHM_DIR") or "/dev/shm").rstrip("/")
     memory = []
     for pid in pids:
         process = psutil.Process(pid)
         info = process.memory_full_info()
-        # The part of RSS that is the engine's shared memory (data set, state, slots): one copy
-        # in the machine, counted in full in every process that mapped it.
-        folder = (os.environ.get("ENGINE_SHM_DIR") or "/dev/shm").rstrip("/")
         engine_shm = sum(m.rss for m in process.memory_maps(grouped=True)
                          if os.path.dirname(m.path) == folder and
                          os.path.basename(m.path).startswith("engine_"))

@@ -8,7 +8,7 @@ import zipfile
 import numpy as np
 
 _CACHE_ENV = "ENGINE_CACHE_DIR"
-_MNIST1D_KEYS = ("x", "y", "x_test", "y_test")
+_MNIST1D_DTYPES = {"x": np.float32, "y": np.int64, "x_test": np.float32, "y_test": np.int64}
 
 
 def cache_directory():
@@ -40,12 +40,10 @@ def load_mnist1d(seed=None):
     if data is None:
         from mnist1d.data import make_dataset
         generated = make_dataset(args)
-        data = {"x": generated["x"].astype(np.float32), "y": generated["y"].astype(np.int64),
-                "x_test": generated["x_test"].astype(np.float32),
-                "y_test": generated["y_test"].astype(np.int64)}
+        data = {key: generated[key].astype(dtype) for key, dtype in _MNIST1D_DTYPES.items()}
         if path:
             _write_cached(path, data)
-    return tuple(data[key] for key in _MNIST1D_KEYS)
+    return tuple(data[key] for key in _MNIST1D_DTYPES)
 
 
 def _mnist1d_cache_path(args):
@@ -66,11 +64,10 @@ def _read_cached(path):
     """The arrays in ``path``, or None when the file is missing or not a complete cache file."""
     try:
         with np.load(path, allow_pickle=False) as stored:
-            data = {key: stored[key] for key in _MNIST1D_KEYS}
+            data = {key: stored[key] for key in _MNIST1D_DTYPES}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
-    expected = {"x": np.float32, "y": np.int64, "x_test": np.float32, "y_test": np.int64}
-    if any(data[key].dtype != dtype for key, dtype in expected.items()) or \
+    if any(data[key].dtype != dtype for key, dtype in _MNIST1D_DTYPES.items()) or \
             len(data["x"]) != len(data["y"]) or len(data["x_test"]) != len(data["y_test"]):
         return None
     return data
@@ -89,7 +86,7 @@ def _write_cached(path, data):
             np.savez(file, **data)
         os.replace(temporary, path)
     except OSError:
-        try:
+        pass
+    finally:  # whatever failed, no temporary file is left behind
+        if os.path.exists(temporary):
             os.unlink(temporary)
-        except OSError:
-            pass
