@@ -28,6 +28,7 @@ from contextlib import contextmanager
 import multiprocess
 
 from engine.core.errors import WorkerCrashedError, WorkerError, WorkerTimeoutError
+from engine.parallel import inherited
 from engine.parallel.faults import parse_faults
 from engine.parallel.shm import log_directory_prefix
 from engine.parallel.system import keep_freed_memory
@@ -112,13 +113,17 @@ class WorkerPool:
     """
 
     def __init__(self, spec, num_workers, start_method, timeout_s=None, max_restarts=3, *,
-                 progress=None, abort=None, tick=None, tick_interval_s=0.5, core_sets=None):
+                 progress=None, abort=None, tick=None, tick_interval_s=0.5, core_sets=None,
+                 caller_arrays=None):
         self.spec, self.timeout_s, self.max_restarts = dict(spec), timeout_s, max_restarts
         # progress(worker_id) -> (heartbeat, waiting, current step); abort() wakes every worker
         # waiting at a barrier so that close() does not wait for them.
         self._progress, self._abort = progress, abort
         self._tick, self._tick_ms = tick, 1000 * tick_interval_s  # tick(): owner's periodic work
         self._core_sets = core_sets  # one set of cores per worker, or None: not bound
+        # caller_arrays() -> the call's arrays (weak references): a forked worker drops its
+        # inherited pages of them (engine.parallel.inherited).
+        self._caller_arrays = caller_arrays
         self.context = multiprocess.get_context(start_method)
         self.start_method = start_method
         self.faults = parse_faults(os.environ.get("ENGINE_TEST_FAULTS", ""))  # before mkdtemp
@@ -149,6 +154,8 @@ class WorkerPool:
                     cores=None if self._core_sets is None else self._core_sets[worker_id],
                     faults=[f for f in self.faults if f.worker == worker_id] if first else [],
                     log_path=os.path.join(self.log_directory, f"worker-{worker_id}.log"))
+        if self._caller_arrays is not None and self.start_method == "fork":
+            spec["forget_pages"] = inherited.page_ranges(self._caller_arrays(), self.spec)
         command_read, command_write = self.context.Pipe(duplex=False)
         answer_read, answer_write = self.context.Pipe(duplex=False)
         process = self.context.Process(target=worker_main, name=f"engine-worker-{worker_id}",

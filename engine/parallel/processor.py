@@ -109,6 +109,7 @@ class ParallelBatchProcessor(ProcessorSetup, ProcessorPass):
         self._returned_state = None
         self._contract_checked = None   # the layout whose model passed the dry run
         self._data_key = None           # what the data block holds (see _load_data)
+        self._caller_arrays = []        # weak references to the call's examples and labels
         self._rng = np.random.default_rng(self.seed)
         self.timeline = None if timeline is None else Timeline(timeline)
         self.cluster = _make_cluster(cluster, timeout_s)

@@ -7,6 +7,7 @@ frozen set, and copy the data and state into shared memory. ``close()`` (in the 
 releases what this creates.
 """
 import os
+import weakref
 
 import numpy as np
 
@@ -36,6 +37,9 @@ class ProcessorSetup:
         """Validate what the call received (data and state once each), start the workers for this
         state's layout, and put the data in shared memory. Returns the number of rows."""
         check_model(self.model)
+        # Weakly: a worker forked during this call drops its inherited copy of them (inherited).
+        self._caller_arrays = [weakref.ref(a) for a in (examples, labels)
+                               if isinstance(a, np.ndarray)]
         layout = self._layout or self.model.init_state(self.seed).layout
         if state is not self._returned_state or state is None:
             check_state(state, layout)
@@ -148,6 +152,7 @@ class ProcessorSetup:
                 self.num_processes, self.start_method, self._timeout_s, self.max_restarts,
                 progress=self._worker_progress,
                 abort=self._barriers.abort_all, tick=self._tick,
+                caller_arrays=lambda: self._caller_arrays,
                 core_sets=worker_core_sets(self.num_processes, self.threads_per_process,
                                            *self._local_ranks) if self.bind_cores else None)
         else:

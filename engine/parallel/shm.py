@@ -227,6 +227,19 @@ class SharedBlock:
         """A numpy view of ``shape``/``dtype`` starting ``offset`` bytes into the block."""
         return np.ndarray(shape, dtype=dtype, buffer=self._mmap, offset=offset)
 
+    def unmap_pages(self, offset, size):
+        """Drop this process's mappings of the pages of bytes [offset, offset + size).
+
+        The contents stay in the shared memory (the block is a shared mapping): the next read of
+        a dropped page maps it again, a minor fault with no copy. It only stops this process's
+        resident size (RSS) from counting pages it no longer reads.
+        """
+        page = mmap.PAGESIZE
+        start = offset // page * page
+        stop = min(-(-(offset + size) // page) * page, self.size)
+        if stop > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
     @staticmethod
     def _release(mapping, name, owner):
         try:

@@ -42,6 +42,7 @@ from engine.core.sharding import TrainableMap, split_batch
 from engine.core.state import NetworkState
 from engine.parallel import workspace as ws
 from engine.parallel.barrier import DEFAULT_SPIN_S, Aborted, Barriers
+from engine.parallel.resident import ExamplesWindow
 from engine.parallel.worker_gradients import GradientsPass
 from engine.parallel.worker_states import StatesPass
 
@@ -112,6 +113,7 @@ class WorkerCore(GradientsPass, StatesPass):
         self.takes_rng, self.takes_out = protocol.loss_and_grads_options(model)
         self._local_flat = None  # sync="states" only; allocated by its first local step
         self._rows_buffer = None
+        self.examples_window = ExamplesWindow()
         self._splits = {}
         self._coefficients = np.zeros(self.num_workers)
         self._averaged = work.averaged
@@ -169,6 +171,7 @@ class WorkerCore(GradientsPass, StatesPass):
         """Examples and labels at positions [start, stop) of the pass: gathered through the pass's
         order into a private buffer (training), or a zero-copy slice (evaluation, process_batch)."""
         data = self.data
+        self.examples_window.reading(data, stop - start)
         if not self.work.control[ws.ORDERED]:
             return data.examples[start:stop], data.labels[start:stop]
         count = stop - start
@@ -229,6 +232,7 @@ class WorkerCore(GradientsPass, StatesPass):
             self.data.predictions[start:stop], record[ws.R_LOSS] = _predict_and_loss(
                 self.model, state, x, y)
         record[ws.R_COMPUTE_S] = time.perf_counter() - started
+        self.examples_window.computed(record[ws.R_COMPUTE_S])
 
     # -- shared by both modes --------------------------------------------------------------------
     def _all_weight_views(self, grad_views):

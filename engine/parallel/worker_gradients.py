@@ -93,6 +93,7 @@ class GradientsPass:
                                                self.slot_theta)
             record[ws.R_LOSS], record[ws.R_COUNT] = loss, count
         record[ws.R_COMPUTE_S] = time.perf_counter() - started
+        self.examples_window.computed(record[ws.R_COMPUTE_S])
 
     def _reduce_slice(self, coefficients, record):
         """Weighted mean of every slot over this worker's slice into ``reduced``; returns the

@@ -88,6 +88,7 @@ class StatesPass:
         self.results[ws.SINCE_SYNC] += count
         record[ws.R_COMPUTE_S] = time.perf_counter() - started
         record[ws.R_ENDED] = time.perf_counter()
+        self.examples_window.computed(record[ws.R_COMPUTE_S])
         return record[ws.R_NON_FINITE] == 0.0
 
     def _average(self, j, into_params):

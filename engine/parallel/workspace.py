@@ -72,6 +72,7 @@ class _Arrays:
                 self.spec["block_name"] = self.block.name
             else:
                 self.block = SharedBlock.attach(spec["block_name"], size)
+        self._offsets = offsets
         for name, (offset, shape, dtype) in offsets.items():
             if self.block is not None:
                 array = self.block.array(shape, dtype, offset)
@@ -84,6 +85,13 @@ class _Arrays:
     def nbytes(cls, spec):
         """Bytes a block with this spec takes."""
         return _plan(cls._fields(spec))[1]
+
+    def unmap(self, name):
+        """Stop counting array ``name``'s pages in this process's RSS (shared blocks only; the
+        values stay; see ``SharedBlock.unmap_pages``)."""
+        if self.block is not None:
+            offset, shape, dtype = self._offsets[name]
+            self.block.unmap_pages(offset, int(np.prod(shape)) * np.dtype(dtype).itemsize)
 
     def close(self):
         for name in self._names:
