@@ -14,13 +14,17 @@ thread each. So one process is measured twice:
 * "1p x 1 thread" (under ``threadpool_limits(1)``): the single-core rate, the baseline of parallel
   efficiency;
 * "1p x BLAS default": what a user gets without the engine (BLAS threads recorded in the JSON).
+* "Np independent" (``benchmarks/_independent.py``): N processes that never exchange anything,
+  each computing its shard of every batch and the Adam update of 1/N of the values: the host's
+  own ceiling for any data-parallel split (two busy cores against one, and the smaller step), which
+  the engine's rate is also given against.
 Every configuration keeps its processor (and worker pool) alive for the whole run; after one
 discarded warm-up epoch each (numba compilation, page faults), they take turns epoch by epoch,
 each round starting with a different one, so a change in memory bandwidth hits all alike.
 
 Headline (last line): ``scaling mlp_speedup=X.XX cnn_speedup=X.XX``: median samples/s at the largest
-process count over median samples/s of "1p x 1 thread". The line before it gives the speedups over
-"1p x BLAS default".
+process count over median samples/s of "1p x 1 thread". The lines before it give the speedups over
+"1p x BLAS default" and the host ceiling (independent processes over "1p x 1 thread").
 """
 import _common  # noqa: F401 - first: puts the repository root on sys.path
 
@@ -31,6 +35,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 from _common import (QUIET_CORES, CpuLoad, QuietWaiter, format_seconds, log, report_cleanup,
                      parse_args, rotated, summarize, write_results)
+from _independent import IndependentRunner
 from engine import ParallelBatchProcessor, usable_cores
 from models import CNN1D, MLP
 
@@ -116,26 +121,30 @@ class Runner:
                     outside_steps_s=seconds - float(wall.sum()), mean_loss=results["mean_loss"])
 
     def summary(self):
-        epochs = self.epochs
-        rates = [epoch["samples_per_s"] for epoch in epochs]
-
-        def step_mean(key):
-            return float(np.mean(np.concatenate([epoch[key] for epoch in epochs])))
-
-        return dict(label=self.label, num_processes=self.num_processes,
-                    blas_threads=self.blas_threads,
-                    samples_per_s_median=float(np.median(rates)),
-                    samples_per_s_min=float(np.min(rates)), samples_per_s_max=float(np.max(rates)),
-                    epoch_seconds=summarize([epoch["seconds"] for epoch in epochs]),
-                    step_mean_compute_s=step_mean("compute_s"),
-                    step_mean_sync_s=step_mean("sync_s"), step_mean_wait_s=step_mean("wait_s"),
-                    step_mean_wall_s=step_mean("wall_s"),
-                    epoch_mean_outside_steps_s=float(np.mean([e["outside_steps_s"]
-                                                              for e in epochs])),
-                    final_mean_loss=epochs[-1]["mean_loss"], epochs=epochs)
+        return runner_summary(self)
 
     def close(self):
         self.processor.close()
+
+
+def runner_summary(runner):
+    """Medians and per-step means of a runner's timed epochs (and the epochs themselves)."""
+    epochs = runner.epochs
+    rates = [epoch["samples_per_s"] for epoch in epochs]
+
+    def step_mean(key):
+        return float(np.mean(np.concatenate([epoch[key] for epoch in epochs])))
+
+    return dict(label=runner.label, num_processes=runner.num_processes,
+                blas_threads=runner.blas_threads, ceiling=getattr(runner, "ceiling", False),
+                samples_per_s_median=float(np.median(rates)),
+                samples_per_s_min=float(np.min(rates)), samples_per_s_max=float(np.max(rates)),
+                epoch_seconds=summarize([epoch["seconds"] for epoch in epochs]),
+                step_mean_compute_s=step_mean("compute_s"),
+                step_mean_sync_s=step_mean("sync_s"), step_mean_wait_s=step_mean("wait_s"),
+                step_mean_wall_s=step_mean("wall_s"),
+                epoch_mean_outside_steps_s=float(np.mean([e["outside_steps_s"] for e in epochs])),
+                final_mean_loss=epochs[-1]["mean_loss"], epochs=epochs)
 
 
 def measure_workload(name, spec, cores, quick, quiet):
@@ -151,6 +160,9 @@ def measure_workload(name, spec, cores, quick, quiet):
     try:
         for label, num_processes, blas_limit in configurations(cores):
             runners.append(Runner(label, num_processes, blas_limit, model, spec["batch_size"]))
+        if cores > 1:
+            runners.append(IndependentRunner(f"{cores}p independent", cores, model,
+                                             spec["batch_size"], LEARNING_RATE))
         for turn in range(num_epochs + 1):
             rates = {}
             if turn > 0:
@@ -168,13 +180,15 @@ def measure_workload(name, spec, cores, quick, quiet):
             log(f"{name}: {'warm-up' if turn == 0 else f'round {turn}/{num_epochs}'}  "
                 + "  ".join(f"{label}: {rate:,.0f}/s" for label, rate in rates.items())
                 + f"  (other processes: {others:.2f} cores)")
-        summaries = [runner.summary() for runner in runners]
+        summaries = [runner_summary(runner) for runner in runners]
     finally:
         for runner in runners:
             runner.close()
     log(f"{name}: done, processors closed")
     by_label = {s["label"]: s for s in summaries}
-    largest = max(summaries, key=lambda s: s["num_processes"])  # first wins a tie at 1 core
+    engine = [s for s in summaries if not s["ceiling"]]
+    largest = max(engine, key=lambda s: s["num_processes"])  # first wins a tie at 1 core
+    ceiling = next((s for s in summaries if s["ceiling"]), None)
     single = by_label.get("1p x 1 thread", by_label["1p x BLAS default"])
     blas = by_label["1p x BLAS default"]
     record = dict(workload=name, model=repr(model), num_values=num_weights,
@@ -189,6 +203,14 @@ def measure_workload(name, spec, cores, quick, quiet):
                       for a, b in zip(largest["epochs"], single["epochs"])],
                   rounds=rounds, configurations=summaries)
     record["parallel_efficiency"] = record["speedup_vs_single_thread"] / largest["num_processes"]
+    if ceiling is not None:
+        record["host_ceiling_vs_single_thread"] = (ceiling["samples_per_s_median"] /
+                                                   single["samples_per_s_median"])
+        record["share_of_host_ceiling"] = (largest["samples_per_s_median"] /
+                                           ceiling["samples_per_s_median"])
+        record["round_shares_of_host_ceiling"] = [
+            a["samples_per_s"] / b["samples_per_s"]
+            for a, b in zip(largest["epochs"], ceiling["epochs"])]
     record["quiet_rounds"] = _quiet_rounds(rounds, largest["label"], single["label"], blas["label"])
     _print_table(record)
     return record
@@ -224,6 +246,11 @@ def _print_table(record):
           f"(efficiency {record['parallel_efficiency']:.0%}; per-round median "
           f"{np.median(record['round_speedups_vs_single_thread']):.2f}x), "
           f"{record['speedup_vs_blas_default']:.2f}x vs 1p x BLAS default")
+    if "host_ceiling_vs_single_thread" in record:
+        print(f"  host ceiling ({record['largest_label'][:2]} independent processes, nothing "
+              f"exchanged): {record['host_ceiling_vs_single_thread']:.2f}x vs 1p x 1 thread; "
+              f"the engine reaches {record['share_of_host_ceiling']:.0%} of it (per-round median "
+              f"{np.median(record['round_shares_of_host_ceiling']):.0%})")
     quiet = record["quiet_rounds"]
     if quiet["count"]:
         print(f"  only the {quiet['count']} of {quiet['of']} rounds when other processes used < "
@@ -247,9 +274,14 @@ def main():
     headline = {f"{name}_speedup": r["speedup_vs_single_thread"] for name, r in records.items()}
     headline.update({f"{name}_speedup_vs_blas_default": r["speedup_vs_blas_default"]
                      for name, r in records.items()})
+    headline.update({f"{name}_host_ceiling": r["host_ceiling_vs_single_thread"]
+                     for name, r in records.items() if "host_ceiling_vs_single_thread" in r})
     path = write_results("scaling", args, records, cleanup=cleanup, cpu_load=cpu,
                          quiet_wait=quiet.report(), headline=headline)
     print(f"results: {path}")
+    if "mlp_host_ceiling" in headline:
+        print(f"scaling host ceiling (independent processes): "
+              f"mlp={headline['mlp_host_ceiling']:.2f} cnn={headline['cnn_host_ceiling']:.2f}")
     print(f"scaling vs 1 process with multithreaded BLAS: "
           f"mlp_speedup={records['mlp']['speedup_vs_blas_default']:.2f} "
           f"cnn_speedup={records['cnn']['speedup_vs_blas_default']:.2f}")

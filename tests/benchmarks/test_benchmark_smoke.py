@@ -41,3 +41,5 @@ def test_benchmark_runs_quick_and_prints_its_headline(name, tmp_path):
     document = json.loads(out.read_text())
     assert document["benchmark"] == name and document["quick"] is True
     assert document["machine"]["usable_cores"] >= 1
+    if name == "scaling" and document["machine"]["usable_cores"] > 1:  # the host's own ceiling
+        assert document["headline"]["mlp_host_ceiling"] > 0

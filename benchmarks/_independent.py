@@ -1,0 +1,116 @@
+"""The host's own ceiling for a data-parallel split: N processes that never exchange anything.
+
+Each of N forked processes (one BLAS thread each) runs, for every batch of an epoch, the model's
+forward and backward pass on its shard of the batch (the engine's split, the same seeded row
+order), and the engine's Adam kernel on its 1/N of the values, out of place as the engine does.
+Nothing is averaged, nobody waits for anybody: what is left is what two busy cores of this host
+compute against one (a shared L3, memory bandwidth, clock speed under load) and the fixed cost of
+a smaller step. A data-parallel engine with free synchronization would reach this rate; the
+engine's rate over it is how much of the host's ceiling it keeps.
+"""
+import time
+
+import multiprocess
+import numpy as np
+
+from engine.core import kernels
+from engine.core.sharding import split_batch
+
+
+def _child(connection, index, count, model, batch_size, examples, labels, learning_rate):
+    from threadpoolctl import threadpool_limits
+
+    from engine.parallel.system import keep_freed_memory
+    threadpool_limits(limits=1)
+    keep_freed_memory()  # as an engine worker does
+    state = model.init_state(seed=0)
+    layout, size = state.layout, state.buffer.size
+    versions = [state.buffer.copy(), state.buffer.copy()]
+    states = [type(state).from_buffer(layout, version) for version in versions]  # views, once
+    moments = [np.zeros((2, size), np.float32), np.zeros((2, size), np.float32)]
+    flat_grads = np.zeros(size, np.float32)
+    grads, _ = layout.views(flat_grads)
+    bounds = split_batch(layout.num_weights, count)
+    start, stop = int(bounds[index]), int(bounds[index + 1])
+    x = np.empty((batch_size,) + examples.shape[1:], np.float32)
+    y = np.empty(batch_size, np.int64)
+    splits, step = {}, 0
+    while True:
+        order = connection.recv()
+        if order is None:
+            return
+        times = []
+        for first in range(0, len(order), batch_size):
+            rows = order[first:first + batch_size]
+            shard = splits.get(len(rows))
+            if shard is None:
+                shard = splits[len(rows)] = split_batch(len(rows), count)
+            mine = rows[shard[index]:shard[index + 1]]
+            began = time.perf_counter()
+            if len(mine):
+                examples.take(mine, axis=0, out=x[:len(mine)])
+                labels.take(mine, out=y[:len(mine)])
+                model.loss_and_grads(states[step % 2], x[:len(mine)], y[:len(mine)], out=grads)
+                kernels.adam_into(versions[(step + 1) % 2], moments[(step + 1) % 2][0],
+                                  moments[(step + 1) % 2][1], versions[step % 2],
+                                  moments[step % 2][0], moments[step % 2][1], flat_grads, start,
+                                  stop, learning_rate, 0.9, 0.999, 1e-7, float(step + 1), 0.0,
+                                  1.0)
+            step += 1
+            times.append(time.perf_counter() - began)
+        connection.send(times)
+
+
+class IndependentRunner:
+    """The ceiling as one more configuration of the scaling run (``Runner``'s interface)."""
+
+    ceiling = True
+
+    def __init__(self, label, num_processes, model, batch_size, learning_rate, seed=0):
+        self.label, self.num_processes, self.blas_limit = label, num_processes, 1
+        self.model, self.batch_size, self.learning_rate = model, batch_size, learning_rate
+        self.blas_threads, self.epochs = 1, []
+        self._rng = np.random.default_rng(seed)
+        self._children = None
+
+    def _start(self, examples, labels):
+        context = multiprocess.get_context("fork")  # the children inherit the data set
+        self._children = []
+        for index in range(self.num_processes):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_child, daemon=True, args=(
+                theirs, index, self.num_processes, self.model, self.batch_size, examples, labels,
+                self.learning_rate))
+            process.start()
+            theirs.close()
+            self._children.append((process, ours))
+
+    def epoch(self, examples, labels):
+        if self._children is None:
+            self._start(examples, labels)
+        order = self._rng.permutation(len(examples))
+        began = time.perf_counter()
+        for _, connection in self._children:
+            connection.send(order)
+        times = np.array([connection.recv() for _, connection in self._children])
+        seconds = time.perf_counter() - began
+        compute = times.mean(axis=0)  # per step (the processes do not wait for each other)
+        zeros = np.zeros_like(compute).tolist()
+        return dict(seconds=seconds, samples_per_s=len(examples) / seconds, steps=len(compute),
+                    compute_s=compute.tolist(), sync_s=zeros, wait_s=zeros,
+                    wall_s=compute.tolist(), outside_steps_s=seconds - float(compute.sum()),
+                    mean_loss=float("nan"))
+
+    def close(self):
+        for process, connection in self._children or ():
+            try:
+                connection.send(None)
+            except OSError:
+                pass
+        for process, connection in self._children or ():
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+            connection.close()
+        self._children = None
