@@ -57,7 +57,10 @@ class ParallelBatchProcessor(ProcessorSetup, ProcessorPass):
             Its state persists across calls until :meth:`reset_optimizer`.
         seed: seeds batch shuffling and each worker's per-step random stream (dropout).
         start_method: "fork", "spawn" or "forkserver"; None picks fork on Linux (spawn once
-            TensorFlow is imported, which is not fork-safe).
+            TensorFlow is imported, which is not fork-safe). A forked worker of one of the
+            engine's own models drops its inherited copy of the arrays passed to the call, which
+            it never reads (``engine.parallel.inherited``); for a model class of your own it
+            keeps them, since its code could read them.
         timeout_s: longest a worker may go without progress (one phase of a step); a worker past
             it is killed and replaced. None (the default here; ``fit`` and the CLI set one)
             waits forever. The attribute may be changed between calls.

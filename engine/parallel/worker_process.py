@@ -23,8 +23,8 @@ _OWNER_CHECK_S = 1.0
 def worker_main(worker_id, spec, command_pipe, answer_pipe):
     """Entry point of a worker process: attach, then serve operations until STOP or owner death."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    inherited.forget(spec.get("forget_pages"))  # the caller's arrays: never read here
     log = _log_stderr(spec["log_path"])  # stays open while the worker lives (del at the end)
+    inherited.forget(spec.get("forget_pages"))  # the caller's arrays: never read here
     from engine.parallel.system import bind_to_cores, keep_freed_memory, limit_threads
     bound = spec.get("cores") is not None and bind_to_cores(spec["cores"])
     thread_limit = limit_threads(spec["threads"])  # the limit lasts while it lives (del at the end)

@@ -11,6 +11,8 @@ import engine.parallel.resident as resident
 from engine import ParallelBatchProcessor
 from engine.parallel import inherited
 from engine.parallel.pool import default_start_method
+import models
+from engine.core.optim import SGD, make_optimizer
 from models import MLP
 
 forked = pytest.mark.skipif(default_start_method() != "fork", reason="workers are not forked here")
@@ -22,7 +24,7 @@ def _data(rows, features, seed=0):
 
 
 @forked
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", SGD(momentum=0)])
 def test_forked_workers_compile_no_kernel_the_owner_did_not(tmp_path, monkeypatch, optimizer):
     # A kernel compiled in a worker costs it LLVM: about half a second and 100 MB of RSS each.
     log = tmp_path / "compiled"
@@ -108,6 +110,25 @@ def test_only_whole_pages_inside_large_contiguous_unreferenced_arrays_are_droppe
     assert length >= large.nbytes - 2 * page
     assert inherited.page_ranges([large], {"model": [large[10:20]]}) == []
     assert inherited.page_ranges([large], {"model": {"view": memoryview(large)}}) == []
+
+
+class _OwnModel:
+    """A model class of the user's own: its methods may read anything through its globals."""
+
+
+@pytest.mark.parametrize("name", ["imu_cnn_bilstm", "cnn1d", "mlp", "cnn_bilstm_attention"])
+def test_pages_are_dropped_only_for_inputs_whose_code_cannot_reach_them(name):
+    large = np.ones((1024, 512), np.float32)
+    native = models.get_model(name) if name != "mlp" else MLP(sizes=(4, 3))
+    spec = dict(model=native, layout=native.init_state(0).layout,
+                optimizer=make_optimizer("adam"), workspace={"sizes": (1, 2)}, threads=1)
+    assert inherited.page_ranges([large], spec) != []
+    native.reference = large[3:5]  # an attribute that points into the data keeps it
+    assert inherited.page_ranges([large], spec) == []
+    del native.reference
+    for unknown in (_OwnModel(), lambda x: x, _RemembersItsData((4, 3), None).loss_and_grads,
+                    np.array([None, large], dtype=object)):
+        assert inherited.page_ranges([large], dict(spec, model=unknown)) == []
 
 
 class _FakeData:
