@@ -13,7 +13,7 @@ import time
 import multiprocess
 import numpy as np
 
-from engine.core import kernels
+from engine.core.optim import Adam
 from engine.core.sharding import split_batch
 
 
@@ -23,11 +23,11 @@ def _child(connection, index, count, model, batch_size, examples, labels, learni
     from engine.parallel.system import keep_freed_memory
     threadpool_limits(limits=1)
     keep_freed_memory()  # as an engine worker does
-    state = model.init_state(seed=0)
+    state, adam = model.init_state(seed=0), Adam()  # the engine's optimizer, as in scaling.py
     layout, size = state.layout, state.buffer.size
     versions = [state.buffer.copy(), state.buffer.copy()]
     states = [type(state).from_buffer(layout, version) for version in versions]  # views, once
-    moments = [np.zeros((2, size), np.float32), np.zeros((2, size), np.float32)]
+    moments = [np.zeros((adam.num_buffers, size), np.float32) for _ in versions]
     flat_grads = np.zeros(size, np.float32)
     grads, _ = layout.views(flat_grads)
     bounds = split_batch(layout.num_weights, count)
@@ -51,11 +51,10 @@ def _child(connection, index, count, model, batch_size, examples, labels, learni
                 examples.take(mine, axis=0, out=x[:len(mine)])
                 labels.take(mine, out=y[:len(mine)])
                 model.loss_and_grads(states[step % 2], x[:len(mine)], y[:len(mine)], out=grads)
-                kernels.adam_into(versions[(step + 1) % 2], moments[(step + 1) % 2][0],
-                                  moments[(step + 1) % 2][1], versions[step % 2],
-                                  moments[step % 2][0], moments[step % 2][1], flat_grads, start,
-                                  stop, learning_rate, 0.9, 0.999, 1e-7, float(step + 1), 0.0,
-                                  1.0)
+                following = (step + 1) % 2
+                adam.update_into(versions[following], moments[following], versions[step % 2],
+                                 moments[step % 2], flat_grads, start, stop, learning_rate,
+                                 step + 1, 1.0)
             step += 1
             times.append(time.perf_counter() - began)
         connection.send(times)

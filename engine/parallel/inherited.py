@@ -26,7 +26,6 @@ import weakref
 import numpy as np
 
 MIN_BYTES = 1 << 20
-_MADV_DONTNEED, _MADV_NOHUGEPAGE = 4, 15
 _MAX_OBJECTS = 20_000  # inputs larger than this are not searched: nothing is dropped
 try:
     from numpy.lib.array_utils import byte_bounds
@@ -105,20 +104,16 @@ def _referenced_bounds(root):
 def forget(ranges):
     """In this (forked) process, drop the mappings of ``ranges``; reading them would see zeros.
 
-    Returns the number of bytes dropped. A range the system refuses stays mapped (only RSS is at
-    stake), and a warning on stderr (the worker's log) says why."""
+    A range the system refuses stays mapped (only RSS is at stake), and a warning on stderr (the
+    worker's log) says why."""
     if not ranges:
-        return 0
+        return
     madvise = ctypes.CDLL(None, use_errno=True).madvise
     madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    dropped = 0
     for start, length in ranges:
         # First no huge pages (numpy asks for them on large arrays): khugepaged would otherwise
         # fill the dropped range again with zeroed huge pages, resident as before.
-        if madvise(start, length, _MADV_NOHUGEPAGE) != 0 or \
-                madvise(start, length, _MADV_DONTNEED) != 0:
+        if madvise(start, length, mmap.MADV_NOHUGEPAGE) != 0 or \
+                madvise(start, length, mmap.MADV_DONTNEED) != 0:
             print(f"engine worker: the caller's arrays stay mapped here ({length:,} bytes): "
                   f"madvise failed: {os.strerror(ctypes.get_errno())}", file=sys.stderr)
-            continue
-        dropped += length
-    return dropped

@@ -232,13 +232,17 @@ class SharedBlock:
 
         The contents stay in the shared memory (the block is a shared mapping): the next read of
         a dropped page maps it again, a minor fault with no copy. It only stops this process's
-        resident size (RSS) from counting pages it no longer reads.
+        resident size (RSS) from counting pages it no longer reads; where the system refuses,
+        the pages simply stay mapped.
         """
         page = mmap.PAGESIZE
         start = offset // page * page
         stop = min(-(-(offset + size) // page) * page, self.size)
         if stop > start:
-            self._mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
+            try:
+                self._mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
+            except OSError:
+                pass
 
     @staticmethod
     def _release(mapping, name, owner):
