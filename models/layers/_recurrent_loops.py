@@ -5,8 +5,8 @@ numpy's matmul dispatch for ``h_{t-1} @ U`` and numba's dispatch of the step ker
 of the reference CNN-BiLSTM's step, and most of the step for small recurrent models (the MNIST-1D
 GRU has 6 units). Here the loop, the per-step product and the step kernels of
 ``_recurrent_kernels`` run in one ``nogil`` call. The product is numpy's own BLAS, called through
-``models.layers._blas.numpy_gemm`` on a row block of the (n, timesteps, width) buffer in place
-(``lda`` = timesteps x width), so the results are bitwise those of the Python loops in
+``models.layers._blas.numpy_gemm`` on the step's block of the time-major (timesteps, n, width)
+buffer in place, so the results are bitwise those of the Python loops in
 ``models.layers.recurrent``, which remain for BLAS builds that function does not recognise.
 
 Each loop visits the timesteps in ``order`` (reversed for Bidirectional's backward copy) and writes
@@ -24,12 +24,12 @@ _LOOP = dict(cache=True, nogil=True, error_model="numpy")
 
 
 @njit(**_LOOP)
-def _rows_times_matrix_into(gemm, out, rows, t, matrix):
-    """out (n, m) = rows[:, t] (n, k; rows is (n, T, k), C order) @ matrix (k, m), C order."""
-    n, steps, k = rows.shape
+def _step_times_matrix_into(gemm, out, rows, t, matrix):
+    """out (n, m) = rows[t] (n, k; rows is (T, n, k), C order) @ matrix (k, m), C order."""
+    steps, n, k = rows.shape
     m = matrix.shape[1]
-    gemm(ROW_MAJOR, NO_TRANSPOSE, NO_TRANSPOSE, n, m, k, 1.0, rows.reshape(-1)[t * k:].ctypes,
-         steps * k, matrix.ctypes, m, 0.0, out.ctypes, m)
+    gemm(ROW_MAJOR, NO_TRANSPOSE, NO_TRANSPOSE, n, m, k, 1.0, rows.reshape(-1)[t * n * k:].ctypes,
+         k, matrix.ctypes, m, 0.0, out.ctypes, m)
 
 
 @njit(**_LOOP)
@@ -46,17 +46,17 @@ def _output_step(t, k, steps, return_sequences, backward):
 @njit(**_LOOP)
 def lstm_forward(gemm, gate_i, gate_f, gate_c, gate_o, cells, tanh_cells, outputs, states,
                  projections, recurrent_kernel, bias, order, return_sequences, direction):
-    """Run an LSTM over ``order``; arrays as ``lstm_step_into`` (cells[:, T] must be zero)."""
-    n, steps, units = states.shape
+    """Run an LSTM over ``order``; arrays as ``lstm_step_into`` (cells[T] must be zero)."""
+    steps, n, units = states.shape
     recurrent = np.zeros((n, 4 * units), states.dtype)
     carry = np.zeros((n, units), states.dtype)
     for b in range(n):
         for j in range(units):
-            states[b, order[0], j] = 0
+            states[order[0], b, j] = 0
     for k in range(steps):
         t = order[k]
         if k:  # the first step starts from h = 0: no recurrent product
-            _rows_times_matrix_into(gemm, recurrent, states, t, recurrent_kernel)
+            _step_times_matrix_into(gemm, recurrent, states, t, recurrent_kernel)
         t_next = order[k + 1] if k + 1 < steps else -1
         lstm_step_into(gate_i, gate_f, gate_c, gate_o, cells, tanh_cells, carry, outputs, states,
                        projections, recurrent, bias, t, t_next,
@@ -66,9 +66,9 @@ def lstm_forward(gemm, gate_i, gate_f, gate_c, gate_o, cells, tanh_cells, output
 @njit(**_LOOP)
 def lstm_backward(gemm, dgates, dbias, doutputs, gate_i, gate_f, gate_c, gate_o, cells,
                   tanh_cells, recurrent_transposed, order, return_sequences, direction):
-    """Backward through an LSTM sequence, newest step first: fills dgates (n, T, 4 units) and adds
+    """Backward through an LSTM sequence, newest step first: fills dgates (T, n, 4 units) and adds
     to dbias (4, units). ``recurrent_transposed`` is U.T in C order."""
-    n, steps, width = dgates.shape
+    steps, n, width = dgates.shape
     units = width // 4
     dcells = np.zeros((n, units), dgates.dtype)
     dstates = np.zeros((n, units), dgates.dtype)
@@ -78,22 +78,22 @@ def lstm_backward(gemm, dgates, dbias, doutputs, gate_i, gate_f, gate_c, gate_o,
                             gate_o, cells, tanh_cells, t, order[k - 1] if k else steps,
                             _output_step(t, k, steps, return_sequences, True), direction)
         if k:
-            _rows_times_matrix_into(gemm, dstates, dgates, t, recurrent_transposed)
+            _step_times_matrix_into(gemm, dstates, dgates, t, recurrent_transposed)
 
 
 @njit(**_LOOP)
 def gru_forward(gemm, gate_z, gate_r, gate_c, hidden_part, outputs, states, projections,
                 recurrent_kernel, bias, order, return_sequences, direction):
     """Run a GRU over ``order``; arrays as ``gru_step_into``."""
-    n, steps, units = states.shape
+    steps, n, units = states.shape
     recurrent = np.zeros((n, 3 * units), states.dtype)
     for b in range(n):
         for j in range(units):
-            states[b, order[0], j] = 0
+            states[order[0], b, j] = 0
     for k in range(steps):
         t = order[k]
         if k:
-            _rows_times_matrix_into(gemm, recurrent, states, t, recurrent_kernel)
+            _step_times_matrix_into(gemm, recurrent, states, t, recurrent_kernel)
         t_next = order[k + 1] if k + 1 < steps else -1
         gru_step_into(gate_z, gate_r, gate_c, hidden_part, outputs, states, projections,
                       recurrent, bias, t, t_next,
@@ -104,9 +104,9 @@ def gru_forward(gemm, gate_z, gate_r, gate_c, hidden_part, outputs, states, proj
 def gru_backward(gemm, dinputs, drecurrent, dinput_bias, drecurrent_bias, doutputs, gate_z,
                  gate_r, gate_c, hidden_part, states, recurrent_transposed, order,
                  return_sequences, direction):
-    """Backward through a GRU sequence: fills dinputs and drecurrent (n, T, 3 units) and adds to
+    """Backward through a GRU sequence: fills dinputs and drecurrent (T, n, 3 units) and adds to
     the bias gradients (3, units each)."""
-    n, steps, width = dinputs.shape
+    steps, n, width = dinputs.shape
     units = width // 3
     dprevious = np.zeros((n, units), dinputs.dtype)
     dstates = np.zeros((n, units), dinputs.dtype)
@@ -116,4 +116,4 @@ def gru_backward(gemm, dinputs, drecurrent, dinput_bias, drecurrent_bias, doutpu
                            doutputs, dstates, gate_z, gate_r, gate_c, hidden_part, states, t,
                            _output_step(t, k, steps, return_sequences, True), direction)
         if k:
-            _rows_times_matrix_into(gemm, dstates, drecurrent, t, recurrent_transposed)
+            _step_times_matrix_into(gemm, dstates, drecurrent, t, recurrent_transposed)

@@ -8,8 +8,11 @@ timestep, then one GEMM each for the kernel, recurrent kernel and input gradient
 timesteps (the bias gradient is summed inside the kernels). With numpy's own BLAS recognised
 (``models.layers._blas``), each time loop runs compiled, in one call
 (``models.layers._recurrent_loops``), with bitwise the same results; otherwise the Python loops
-below run it. Buffers stay batch-major, so no
-transposes or copies of the sequence are made, and the maths runs in the input's dtype.
+below run it. Inside a layer everything is time-major, (timesteps, n, ...), so each step reads and
+writes contiguous blocks (as oneDNN's ``tnc`` layout): the input is transposed once on the way in
+(once for both directions of a Bidirectional) and the input gradient once on the way out; the
+outputs are written batch-major, as the next layer reads them. The maths runs in the input's
+dtype.
 
 ``Bidirectional`` runs a time-reversed copy of its layer; both directions write straight into
 their half of one output buffer (Keras's ``merge_mode="concat"``).
@@ -86,18 +89,21 @@ class _Recurrent(Layer):
                 "bias": self._initial_bias()}
 
     def forward(self, x, weights, theta, *, training=False, rng=None):
-        outputs = self._new_outputs(x, 1)
-        cache = self.forward_into(outputs, 0, x, weights)
+        x_steps = self._time_major_input(x, weights)
+        outputs = self._new_outputs(x_steps, 1)
+        cache = self.forward_into(outputs, 0, x_steps, weights)
         return self._merged(outputs), cache
 
     def backward(self, weights, cache, dy, *, need_input_grad=True):
-        return self.backward_from(self._split(dy, 1), 0, weights, cache,
-                                  need_input_grad=need_input_grad)
+        dx_steps, grads = self.backward_from(self._split(dy, 1), 0, weights, cache,
+                                             need_input_grad=need_input_grad)
+        return _batch_major(dx_steps), grads
 
-    def _new_outputs(self, x, directions):
-        """The (n, timesteps or 1, directions, units) buffer the kernels write hidden states to."""
-        steps = x.shape[1] if self.return_sequences else 1
-        return np.empty((x.shape[0], steps, directions, self.units), dtype=x.dtype)
+    def _new_outputs(self, x_steps, directions):
+        """The (n, timesteps or 1, directions, units) buffer the kernels write hidden states to,
+        for the time-major input ``x_steps``."""
+        steps = x_steps.shape[0] if self.return_sequences else 1
+        return np.empty((x_steps.shape[1], steps, directions, self.units), dtype=x_steps.dtype)
 
     def _merged(self, outputs):
         """The output buffer as the layer's output: directions side by side (a view)."""
@@ -110,14 +116,16 @@ class _Recurrent(Layer):
         dy = np.ascontiguousarray(dy)
         return dy.reshape(dy.shape[0], -1, directions, self.units)
 
-    def _check_input(self, x, weights):
+    def _time_major_input(self, x, weights):
+        """The (n, timesteps, features) input, checked, as a time-major C-contiguous copy."""
+        x = np.asarray(x)
         if x.ndim != 3 or x.shape[2] != weights["kernel"].shape[0]:
             raise ValueError(f"{type(self).__name__} expects inputs of shape (n, timesteps, "
                              f"{weights['kernel'].shape[0]}). Received: x.shape={x.shape}.")
         if x.shape[1] == 0:
             raise ValueError(f"{type(self).__name__} needs at least one timestep. Received: "
                              f"x.shape={x.shape}.")
-        return np.ascontiguousarray(x)
+        return np.ascontiguousarray(x.transpose(1, 0, 2))
 
     def _out_step(self, t):
         """Where step t's hidden state goes in the output buffer (one slot without sequences)."""
@@ -152,53 +160,54 @@ class LSTM(_Recurrent):
         bias[self.units:2 * self.units] = 1.0  # Keras's unit_forget_bias
         return bias
 
-    def forward_into(self, outputs, direction, x, weights):
-        """Run the sequence, writing hidden states to ``outputs[:, :, direction]``.
+    def forward_into(self, outputs, direction, x_steps, weights):
+        """Run the time-major sequence ``x_steps`` (timesteps, n, features), C-contiguous, writing
+        hidden states to ``outputs[:, :, direction]``.
 
         ``outputs`` is (n, timesteps or 1, directions, units), C-contiguous; returns the cache.
         """
-        x = self._check_input(x, weights)
-        n, steps, features = x.shape
-        units, dtype = self.units, x.dtype
+        steps, n, features = x_steps.shape
+        units, dtype = self.units, x_steps.dtype
         kernel, recurrent_kernel, bias = (weights[k]
                                           for k in ("kernel", "recurrent_kernel", "bias"))
         # One GEMM for every timestep's input projection; the bias is added inside the kernel.
-        projections = (x.reshape(n * steps, features) @ kernel).reshape(n, steps, 4 * units)
-        gates = np.empty((4, n, steps, units), dtype)  # one array per gate: i, f, c, o
-        cells = np.empty((n, steps + 1, units), dtype)  # cells[:, steps]: the zero initial state
-        cells[:, steps] = 0
-        tanh_cells = np.empty((n, steps, units), dtype)
-        states = np.empty((n, steps, units), dtype)  # states[:, t]: the h that step t starts from
+        projections = (x_steps.reshape(steps * n, features) @ kernel).reshape(steps, n, 4 * units)
+        gates = np.empty((4, steps, n, units), dtype)  # one array per gate: i, f, c, o
+        cells = np.empty((steps + 1, n, units), dtype)  # cells[steps]: the zero initial state
+        cells[steps] = 0
+        tanh_cells = np.empty((steps, n, units), dtype)
+        states = np.empty((steps, n, units), dtype)  # states[t]: the h that step t starts from
+        cache = dict(x=x_steps, states=states, gates=gates, cells=cells, tanh_cells=tanh_cells)
         gemm = _compiled_loop(dtype)
         if gemm is not None:
             loops.lstm_forward(gemm, *gates, cells, tanh_cells, outputs, states, projections,
                                np.ascontiguousarray(recurrent_kernel, dtype),
                                bias.astype(dtype, copy=False), _step_order(steps, self._reverse),
                                self.return_sequences, direction)
-            return dict(x=x, states=states, gates=gates, cells=cells, tanh_cells=tanh_cells)
+            return cache
         recurrent = np.zeros((n, 4 * units), dtype)
         carry = np.zeros((n, units), dtype)
         order = _step_order(steps, self._reverse).tolist()
-        states[:, order[0]] = 0
+        states[order[0]] = 0
         for k, t in enumerate(order):
             if k:  # the first step starts from h = 0: no recurrent product
-                np.matmul(states[:, t], recurrent_kernel, out=recurrent)
+                np.matmul(states[t], recurrent_kernel, out=recurrent)
             t_next = order[k + 1] if k + 1 < steps else -1
             kernels.lstm_step_into(*gates, cells, tanh_cells, carry, outputs, states, projections,
                                    recurrent, bias, t, t_next, self._out_step(t), direction)
-        return dict(x=x, states=states, gates=gates, cells=cells, tanh_cells=tanh_cells)
+        return cache
 
     def backward_from(self, doutputs, direction, weights, cache, *, need_input_grad=True):
         """Gradients for the output gradient ``doutputs[:, :, direction]`` (C-contiguous).
 
-        Returns ``(dx or None, grads)`` as ``Layer.backward``.
+        Returns ``(dx or None, grads)`` as ``Layer.backward``, but dx time-major, as the input.
         """
-        x, states, gates = cache["x"], cache["states"], cache["gates"]
-        n, steps, features = x.shape
-        units, dtype = self.units, x.dtype
+        x_steps, states, gates = cache["x"], cache["states"], cache["gates"]
+        steps, n, features = x_steps.shape
+        units, dtype = self.units, x_steps.dtype
         # A contiguous copy of U.T: BLAS runs the per-step dgates @ U.T ~30% faster from it.
         recurrent_transposed = np.ascontiguousarray(weights["recurrent_kernel"].T)
-        dgates = np.empty((n, steps, 4 * units), dtype)
+        dgates = np.empty((steps, n, 4 * units), dtype)
         dbias = np.zeros((4, units), dtype)
         gemm = _compiled_loop(dtype)
         if gemm is not None:
@@ -206,8 +215,8 @@ class LSTM(_Recurrent):
                                 cache["tanh_cells"], recurrent_transposed.astype(dtype, copy=False),
                                 _step_order(steps, self._reverse), self.return_sequences,
                                 direction)
-            return _input_and_weight_grads(x, states, dgates, dgates, weights, dbias.reshape(-1),
-                                           need_input_grad)
+            return _input_and_weight_grads(x_steps, states, dgates, dgates, weights,
+                                           dbias.reshape(-1), need_input_grad)
         dcells = np.zeros((n, units), dtype)
         dstates = np.zeros((n, units), dtype)
         order = _step_order(steps, self._reverse).tolist()
@@ -218,9 +227,9 @@ class LSTM(_Recurrent):
                                         cache["cells"], cache["tanh_cells"], t,
                                         order[k - 1] if k else steps, out_t, direction)
             if k:
-                np.matmul(dgates[:, t], recurrent_transposed, out=dstates)
-        return _input_and_weight_grads(x, states, dgates, dgates, weights, dbias.reshape(-1),
-                                       need_input_grad)
+                np.matmul(dgates[t], recurrent_transposed, out=dstates)
+        return _input_and_weight_grads(x_steps, states, dgates, dgates, weights,
+                                       dbias.reshape(-1), need_input_grad)
 
 
 class GRU(_Recurrent):
@@ -249,42 +258,42 @@ class GRU(_Recurrent):
     def _initial_bias(self):
         return np.zeros((2, 3 * self.units), dtype=np.float32)
 
-    def forward_into(self, outputs, direction, x, weights):
+    def forward_into(self, outputs, direction, x_steps, weights):
         """As :meth:`LSTM.forward_into`."""
-        x = self._check_input(x, weights)
-        n, steps, features = x.shape
-        units, dtype = self.units, x.dtype
+        steps, n, features = x_steps.shape
+        units, dtype = self.units, x_steps.dtype
         kernel, recurrent_kernel, bias = (weights[k]
                                           for k in ("kernel", "recurrent_kernel", "bias"))
-        projections = (x.reshape(n * steps, features) @ kernel).reshape(n, steps, 3 * units)
-        gates = np.empty((4, n, steps, units), dtype)  # z, r, candidate, recurrent part
-        states = np.empty((n, steps, units), dtype)
+        projections = (x_steps.reshape(steps * n, features) @ kernel).reshape(steps, n, 3 * units)
+        gates = np.empty((4, steps, n, units), dtype)  # z, r, candidate, recurrent part
+        states = np.empty((steps, n, units), dtype)
+        cache = dict(x=x_steps, states=states, gates=gates)
         gemm = _compiled_loop(dtype)
         if gemm is not None:
             loops.gru_forward(gemm, *gates, outputs, states, projections,
                               np.ascontiguousarray(recurrent_kernel, dtype),
                               bias.astype(dtype, copy=False), _step_order(steps, self._reverse),
                               self.return_sequences, direction)
-            return dict(x=x, states=states, gates=gates)
+            return cache
         recurrent = np.zeros((n, 3 * units), dtype)
         order = _step_order(steps, self._reverse).tolist()
-        states[:, order[0]] = 0
+        states[order[0]] = 0
         for k, t in enumerate(order):
             if k:
-                np.matmul(states[:, t], recurrent_kernel, out=recurrent)
+                np.matmul(states[t], recurrent_kernel, out=recurrent)
             t_next = order[k + 1] if k + 1 < steps else -1
             kernels.gru_step_into(*gates, outputs, states, projections, recurrent, bias, t, t_next,
                                   self._out_step(t), direction)
-        return dict(x=x, states=states, gates=gates)
+        return cache
 
     def backward_from(self, doutputs, direction, weights, cache, *, need_input_grad=True):
         """As :meth:`LSTM.backward_from`."""
-        x, states, gates = cache["x"], cache["states"], cache["gates"]
-        n, steps, features = x.shape
-        units, dtype = self.units, x.dtype
+        x_steps, states, gates = cache["x"], cache["states"], cache["gates"]
+        steps, n, features = x_steps.shape
+        units, dtype = self.units, x_steps.dtype
         recurrent_transposed = np.ascontiguousarray(weights["recurrent_kernel"].T)
-        dinputs = np.empty((n, steps, 3 * units), dtype)
-        drecurrent = np.empty((n, steps, 3 * units), dtype)
+        dinputs = np.empty((steps, n, 3 * units), dtype)
+        drecurrent = np.empty((steps, n, 3 * units), dtype)
         dbias = np.zeros((2, 3 * units), dtype)
         dinput_bias, drecurrent_bias = dbias[0].reshape(3, units), dbias[1].reshape(3, units)
         gemm = _compiled_loop(dtype)
@@ -293,7 +302,7 @@ class GRU(_Recurrent):
                                *gates, states, recurrent_transposed.astype(dtype, copy=False),
                                _step_order(steps, self._reverse), self.return_sequences,
                                direction)
-            return _input_and_weight_grads(x, states, dinputs, drecurrent, weights, dbias,
+            return _input_and_weight_grads(x_steps, states, dinputs, drecurrent, weights, dbias,
                                            need_input_grad)
         dprevious = np.zeros((n, units), dtype)
         dstates = np.zeros((n, units), dtype)
@@ -305,21 +314,28 @@ class GRU(_Recurrent):
                                        dprevious, doutputs, dstates, *gates, states, t, out_t,
                                        direction)
             if k:
-                np.matmul(drecurrent[:, t], recurrent_transposed, out=dstates)
-        return _input_and_weight_grads(x, states, dinputs, drecurrent, weights, dbias,
+                np.matmul(drecurrent[t], recurrent_transposed, out=dstates)
+        return _input_and_weight_grads(x_steps, states, dinputs, drecurrent, weights, dbias,
                                        need_input_grad)
 
 
-def _input_and_weight_grads(x, states, dinputs, drecurrent, weights, dbias, need_input_grad):
-    """The GEMMs over all timesteps at once: dkernel, drecurrent_kernel and dx."""
-    n, steps, features = x.shape
-    rows = n * steps
+def _input_and_weight_grads(x_steps, states, dinputs, drecurrent, weights, dbias,
+                            need_input_grad):
+    """The GEMMs over all timesteps at once: dkernel, drecurrent_kernel and dx (time-major)."""
+    steps, n, features = x_steps.shape
+    rows = steps * n
     dinputs, drecurrent = dinputs.reshape(rows, -1), drecurrent.reshape(rows, -1)
-    grads = {"kernel": x.reshape(rows, features).T @ dinputs,
+    grads = {"kernel": x_steps.reshape(rows, features).T @ dinputs,
              "recurrent_kernel": states.reshape(rows, -1).T @ drecurrent, "bias": dbias}
     if not need_input_grad:
         return None, grads
-    return (dinputs @ weights["kernel"].T).reshape(n, steps, features), grads
+    return (dinputs @ weights["kernel"].T).reshape(steps, n, features), grads
+
+
+def _batch_major(x_steps):
+    """A time-major (timesteps, n, features) array as the (n, timesteps, features) copy layers
+    exchange (None stays None)."""
+    return None if x_steps is None else np.ascontiguousarray(x_steps.transpose(1, 0, 2))
 
 
 class Bidirectional(Layer):
@@ -369,8 +385,9 @@ class Bidirectional(Layer):
                 if name.startswith(prefix + "/")}
 
     def forward(self, x, weights, theta, *, training=False, rng=None):
-        outputs = self.layer._new_outputs(x, 2)
-        caches = [layer.forward_into(outputs, direction, x, self._local(weights, prefix))
+        x_steps = self.layer._time_major_input(x, self._local(weights, "forward"))  # once for both
+        outputs = self.layer._new_outputs(x_steps, 2)
+        caches = [layer.forward_into(outputs, direction, x_steps, self._local(weights, prefix))
                   for prefix, layer, direction in self._directions()]
         return self.layer._merged(outputs), caches
 
@@ -386,7 +403,7 @@ class Bidirectional(Layer):
                     dx = d
                 else:
                     dx += d
-        return dx, grads
+        return _batch_major(dx), grads
 
     def __repr__(self):
         return f"Bidirectional({self.layer!r})"

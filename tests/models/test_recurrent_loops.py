@@ -42,12 +42,12 @@ def test_compiled_loops_give_bitwise_the_python_loops_results(make, return_seque
         np.testing.assert_array_equal(compiled[2][name], python[2][name], err_msg=name)
 
 
-def test_numpy_gemm_multiplies_strided_row_blocks_like_numpy():
-    from models.layers._recurrent_loops import _rows_times_matrix_into
+def test_numpy_gemm_multiplies_one_step_of_a_time_major_buffer_like_numpy():
+    from models.layers._recurrent_loops import _step_times_matrix_into
     rng = np.random.default_rng(0)
     for dtype in (np.float32, np.float64):
-        rows = rng.standard_normal((4, 6, 3)).astype(dtype)
+        rows = rng.standard_normal((6, 4, 3)).astype(dtype)  # 6 timesteps, 4 rows, 3 columns
         matrix = rng.standard_normal((3, 5)).astype(dtype)
         out = np.empty((4, 5), dtype)
-        _rows_times_matrix_into(numpy_gemm()[dtype], out, rows, 2, matrix)
-        np.testing.assert_array_equal(out, rows[:, 2] @ matrix)
+        _step_times_matrix_into(numpy_gemm()[dtype], out, rows, 2, matrix)
+        np.testing.assert_array_equal(out, rows[2] @ matrix)
