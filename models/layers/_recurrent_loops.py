@@ -9,6 +9,10 @@ GRU has 6 units). Here the loop, the per-step product and the step kernels of
 buffer in place, so the results are bitwise those of the Python loops in
 ``models.layers.recurrent``, which remain for BLAS builds that function does not recognise.
 
+numba's on-disk cache of these loops is keyed on this file only: it does not notice a change to
+``_recurrent_kernels``, whose code is compiled into them, and would run the old kernels on the
+new arrays. After editing that module alone, delete ``models/layers/__pycache__/*.nb?``.
+
 Each loop visits the timesteps in ``order`` (reversed for Bidirectional's backward copy) and writes
 exactly what the Python loop writes. ``tests/models/test_recurrent_loops.py`` checks both paths
 give identical bits; the layers' oracles (finite differences, TensorFlow, PyTorch) check the maths.

@@ -89,7 +89,7 @@ class _Recurrent(Layer):
                 "bias": self._initial_bias()}
 
     def forward(self, x, weights, theta, *, training=False, rng=None):
-        x_steps = self._time_major_input(x, weights)
+        x_steps = self._time_major_input(x, weights["kernel"].shape[0])
         outputs = self._new_outputs(x_steps, 1)
         cache = self.forward_into(outputs, 0, x_steps, weights)
         return self._merged(outputs), cache
@@ -116,12 +116,12 @@ class _Recurrent(Layer):
         dy = np.ascontiguousarray(dy)
         return dy.reshape(dy.shape[0], -1, directions, self.units)
 
-    def _time_major_input(self, x, weights):
+    def _time_major_input(self, x, features):
         """The (n, timesteps, features) input, checked, as a time-major C-contiguous copy."""
         x = np.asarray(x)
-        if x.ndim != 3 or x.shape[2] != weights["kernel"].shape[0]:
+        if x.ndim != 3 or x.shape[2] != features:
             raise ValueError(f"{type(self).__name__} expects inputs of shape (n, timesteps, "
-                             f"{weights['kernel'].shape[0]}). Received: x.shape={x.shape}.")
+                             f"{features}). Received: x.shape={x.shape}.")
         if x.shape[1] == 0:
             raise ValueError(f"{type(self).__name__} needs at least one timestep. Received: "
                              f"x.shape={x.shape}.")
@@ -385,7 +385,7 @@ class Bidirectional(Layer):
                 if name.startswith(prefix + "/")}
 
     def forward(self, x, weights, theta, *, training=False, rng=None):
-        x_steps = self.layer._time_major_input(x, self._local(weights, "forward"))  # once for both
+        x_steps = self.layer._time_major_input(x, weights["forward/kernel"].shape[0])  # for both
         outputs = self.layer._new_outputs(x_steps, 2)
         caches = [layer.forward_into(outputs, direction, x_steps, self._local(weights, prefix))
                   for prefix, layer, direction in self._directions()]
