@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/step_overhead.py
 	$(PY) benchmarks/sync_overhead.py
 	$(PY) benchmarks/scaling.py
+	$(PY) benchmarks/barrier_spin.py
 	$(PY) benchmarks/vs_peers.py
 	$(PY) benchmarks/layer_times.py
 	$(PY) benchmarks/vs_keras.py

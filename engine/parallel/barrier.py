@@ -16,9 +16,19 @@ only while the doorbell still holds that value, so an arrival between its check 
 makes the sleep return at once: no lost wake-up. (This relies on loads not being reordered with
 older loads, true on x86-64; the kernel's atomic op is a full fence on the writer's side.)
 
-Spinning: a waiter first polls for ``spin_s`` (default 50 us), which catches the common case of
-workers arriving within microseconds of each other without a system call; past it, it sleeps, so
-a waiting worker never holds a core another process needs.
+Spinning: a waiter first polls for ``spin_s`` (default 300 us), which catches the common case of
+workers arriving within a fraction of a step of each other without a system call; past it, it
+sleeps, so a waiting worker never holds a core for long. Workers spin only on a core of their own
+(``engine.parallel.worker``). Why not the 50 us of before: on the VMs measured here a vCPU that
+sleeps is descheduled by the host, and the worker's next compute after the wake-up ran a few
+percent slower (probably cold caches on whatever physical core it got back). Alternated round by
+round (``benchmarks/barrier_spin.py``), 300 us trained the scaling MLP and CNN1D 1-9% faster
+than 50 us in most runs (never more than 4% slower), and no spin at all 10-22% slower on the
+CNN1D; 1 ms gained no more. A worker that waits longer for a slow peer spends at most 300 us of
+a core that would otherwise idle. ``ENGINE_BARRIER_SPIN_US`` sets it (microseconds; 0: sleep at
+once), for a host whose cores other work needs. A spin that calls ``sched_yield`` was tried and
+dropped: with a busy process on the same core the yield handed it whole time slices and halved
+the engine's rate.
 """
 import ctypes
 import os
@@ -34,7 +44,8 @@ _FUTEX_OP_ADD, _FUTEX_OP_CMP_EQ = 1, 0
 # already woken by the first: harmless).
 _ADD_ONE = (_FUTEX_OP_ADD << 28) | (_FUTEX_OP_CMP_EQ << 24) | (1 << 12) | 0
 _WAKE_ALL = 0x7FFFFFFF
-DEFAULT_SPIN_S = 50e-6
+DEFAULT_SPIN_S = 300e-6
+SPIN_VARIABLE = "ENGINE_BARRIER_SPIN_US"
 
 try:
     _libc = ctypes.CDLL(None, use_errno=True)
@@ -46,6 +57,23 @@ except (OSError, AttributeError):  # pragma: no cover - not Linux
 
 class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def spin_seconds(environ=os.environ):
+    """How long a worker on a core of its own polls before it sleeps: ``ENGINE_BARRIER_SPIN_US``
+    (microseconds, 0 to 1e6) or 300 us. Read by the owner, which passes it to its workers."""
+    text = environ.get(SPIN_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_SPIN_S
+    try:
+        microseconds = float(text)
+    except ValueError:
+        microseconds = float("nan")
+    if not 0.0 <= microseconds <= 1e6:  # also false for NaN
+        raise ValueError(f"{SPIN_VARIABLE} must be a number of microseconds from 0 to 1000000 "
+                         f"(how long a waiting worker polls before it sleeps). Received: "
+                         f"{SPIN_VARIABLE}={text!r}. Unset it for the default, 300.")
+    return microseconds * 1e-6
 
 
 def futex_available():

@@ -41,7 +41,7 @@ from engine.core import protocol
 from engine.core.sharding import TrainableMap, split_batch
 from engine.core.state import NetworkState
 from engine.parallel import workspace as ws
-from engine.parallel.barrier import DEFAULT_SPIN_S, Aborted, Barriers
+from engine.parallel.barrier import Aborted, Barriers
 from engine.parallel.resident import ExamplesWindow
 from engine.parallel.worker_gradients import GradientsPass
 from engine.parallel.worker_states import StatesPass
@@ -80,15 +80,15 @@ class WorkerCore(GradientsPass, StatesPass):
     this class and overrides its steps (``_compute``, ``_update_slice``, ``_wait``, ...)."""
 
     def __init__(self, worker_id, model, layout, optimizer, work, data=None, *, sync="gradients",
-                 owner_pid=None, spin=False):
+                 owner_pid=None, spin_s=0.0):
         self.worker_id, self.model, self.layout, self.optimizer = worker_id, model, layout, optimizer
         self.work, self.data, self.sync = work, data, sync
         self.num_workers = len(work.slots)
         self.num_weights = layout.num_weights
-        # Spin before sleeping only on a core of its own: a spinning worker that shares a core
-        # with the peer it waits for only delays that peer.
+        # Spin before sleeping (spin_s > 0) only on a core of its own: a spinning worker that
+        # shares a core with the peer it waits for only delays that peer.
         self.barriers = Barriers(work.arrivals, work.doorbell, work.abort,
-                                 spin_s=DEFAULT_SPIN_S if spin else 0.0, owner_pid=owner_pid)
+                                 spin_s=spin_s, owner_pid=owner_pid)
         self.results = work.results[worker_id]
         self._versions = [NetworkState.from_buffer(layout, version)
                           for version in work.versions_of_params]

@@ -37,7 +37,8 @@ def worker_main(worker_id, spec, command_pipe, answer_pipe):
         from engine.parallel.faults import fault_injecting
         core_class = fault_injecting(WorkerCore, spec["faults"])
     core = core_class(worker_id, spec["model"], spec["layout"], spec["optimizer"], work, data,
-                      sync=spec["sync"], owner_pid=spec["owner_pid"], spin=bound)
+                      sync=spec["sync"], owner_pid=spec["owner_pid"],
+                      spin_s=spec["spin_s"] if bound else 0.0)
     send_message(answer_fd, OK)
     try:
         while True:

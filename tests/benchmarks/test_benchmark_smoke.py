@@ -19,6 +19,7 @@ HEADLINES = {
     "soak": r"^soak steps_per_s=\d+ restarts=\d+ identical=true rss_growth_mb=-?\d+\.\d\d leaks=0$",
     "latency": r"^latency p50_us=\d+ p99_us=\d+ vs_keras=\d+\.\d\d$",
     "step_overhead": r"^step_overhead overhead_us=\d+$",
+    "barrier_spin": r"^barrier_spin mlp_gain=\d+\.\d\d cnn_gain=\d+\.\d\d$",
     "layer_times": r"^layer_times step_ms=\d+\.\d top=\S+:\d+\.\d$",
     "vs_peers": r"^vs_peers native_vs_fit=\d+\.\d\d native_vs_torch_ddp=(\d+\.\d\d|nan) "
                 r"efficiency=\d+\.\d\d$",
