@@ -9,7 +9,8 @@ the shared parameters and keeps only that slice of optimizer state.
 parameters and optimizer state and writes another (or the same, for an in-place update): with two
 copies, an update interrupted by a dying worker can simply be run again. It returns 0.0 when every
 new parameter is finite and NaN otherwise, so a diverging step is refused before it becomes the
-state.
+state. An optimizer may also offer ``update_from_mean_into`` (Adam does), which forms the weighted
+mean of two gradient slots inside the update; workers use it when nothing clips.
 
 Every scalar reaches the kernels as a Python ``float`` (or ``int`` for bounds) whatever type the
 caller used: the owner compiles the kernels for exactly those types before it forks, and a worker
@@ -72,6 +73,19 @@ class Adam:
                                  buffers[1], grads, int(start), int(stop), float(learning_rate),
                                  float(self.beta1), float(self.beta2), float(self.epsilon),
                                  float(step), float(self.weight_decay), float(scale))
+
+
+    def update_from_mean_into(self, params_out, buffers_out, params, buffers, first,
+                              first_coefficient, last, last_coefficient, start, stop,
+                              learning_rate, step):
+        """``update_into`` with the gradient ``first_coefficient * first + last_coefficient *
+        last`` (a weighted mean of two slots) formed inside the update, unclipped; returns (its
+        sum of squares, 0.0 or NaN). ``kernels.adam_mean_into`` says why."""
+        return kernels.adam_mean_into(params_out, buffers_out[0], buffers_out[1], params,
+                                      buffers[0], buffers[1], first, float(first_coefficient),
+                                      last, float(last_coefficient), int(start), int(stop),
+                                      float(learning_rate), float(self.beta1), float(self.beta2),
+                                      float(self.epsilon), float(step), float(self.weight_decay))
 
 
 def AdamW(weight_decay=0.01, **options):

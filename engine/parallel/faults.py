@@ -10,7 +10,9 @@ Set ``ENGINE_TEST_FAULTS`` before the processor starts its workers, as ``;``-sep
   within the spin, it is flagged as a sleeper first, so the hang does not depend on timing).
 * OP: when in the step it strikes: ``compute`` (default), ``reduce``, ``update``, ``local_step``,
   ``average``, ``evaluate``, or ``reduce_mid`` / ``update_mid`` (halfway through that worker's
-  slice, so shared memory is left half written).
+  slice, so shared memory is left half written). Without a clip norm the mean is formed inside
+  the update (``_reduce_and_update_slice``): ``reduce`` and ``update`` then strike together before
+  it, ``reduce_mid`` and ``update_mid`` with half the slice updated.
   For ``stop_asleep``: ``compute``, ``update``, ``reduce`` (waited on only with a clip norm) or
   ``average`` (states mode), naming the barriers COMPUTED, UPDATED, REDUCED and AVERAGE_OUT.
 * STEP: the optimizer's global step (0-based); for ``evaluate``, the batch index in the pass.
@@ -153,6 +155,28 @@ def fault_injecting(core_class, faults):
                 self.weight_pieces, self.theta_pieces = pieces, theta
             strike(faults, "update_mid", step)
             return non_finite + super()._update_slice(step, learning_rate, scale)
+
+        def _reduce_and_update_slice(self, step, learning_rate, coefficients):
+            # The mean formed inside the update (no clipping): both ops strike before anything
+            # is written and again with the first half of the slice updated.
+            strike(faults, "reduce", step)
+            strike(faults, "update", step)
+            pieces, theta = self.weight_pieces, self.theta_pieces
+            start, stop = self.weight_slice
+            middle = (start + stop) // 2
+            self.weight_pieces = [(low, low + min(high - low, middle - compact), compact)
+                                  for low, high, compact in pieces if compact < middle]
+            self.theta_pieces = []
+            try:
+                _, half_non_finite = super()._reduce_and_update_slice(step, learning_rate,
+                                                                      coefficients)
+            finally:
+                self.weight_pieces, self.theta_pieces = pieces, theta
+            strike(faults, "reduce_mid", step)
+            strike(faults, "update_mid", step)
+            squares, non_finite = super()._reduce_and_update_slice(step, learning_rate,
+                                                                   coefficients)
+            return squares, non_finite + half_non_finite
 
         def _local_step(self, step, start, stop, record):
             strike(faults, "local_step", step)

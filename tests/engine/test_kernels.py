@@ -107,3 +107,61 @@ def test_updates_report_whether_every_new_parameter_is_finite():
     grads[5] = np.inf
     assert np.isnan(kernels.adam_into(out, m, v, params, m, v, grads, 0, 64, 0.1, 0.9, 0.999, 1e-7,
                                       1, 0.0, 1.0))
+
+
+def _adam_mean_case(length, seed):
+    rng = np.random.default_rng(seed)
+    first, last = _random(length, seed + 1), _random(length, seed + 2) * 1e-3
+    params, m = _random(length, seed + 3), _random(length, seed + 4) * 0.1
+    v = np.abs(_random(length, seed + 5)) * 0.1
+    return params, m, v, first, last, rng.dirichlet([1.0, 1.0])
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_adam_with_the_mean_formed_inside_matches_its_twin_and_the_two_passes(weight_decay):
+    params, m, v, first, last, (c_first, c_last) = _adam_mean_case(5003, 20)
+    outs = [np.empty_like(a) for a in (params, m, v)]
+    squares = non_finite = 0.0
+    bounds = partition(5003, 3)
+    for start, stop in zip(bounds[:-1], bounds[1:]):  # each worker its slice, out of place
+        s, nf = kernels.adam_mean_into(*outs, params, m, v, first, c_first, last, c_last, start,
+                                       stop, 1e-2, 0.9, 0.999, 1e-7, 4.0, weight_decay)
+        squares, non_finite = squares + s, non_finite + nf
+    *expected, expected_squares = kernels.adam_mean_ref(params, m, v, first, c_first, last, c_last,
+                                                        1e-2, 0.9, 0.999, 1e-7, 4.0, weight_decay)
+    for out, want in zip(outs, expected):
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-7)
+    assert squares == pytest.approx(expected_squares, rel=1e-6) and non_finite == 0.0
+    # The two passes it replaces: the same values to float32 rounding.
+    mean = np.empty_like(first)
+    kernels.weighted_mean_into(mean, np.stack([first, last]), np.array([c_first, c_last]), 0,
+                               5003, False)
+    two_pass = [np.empty_like(a) for a in (params, m, v)]
+    kernels.adam_into(*two_pass, params, m, v, mean, 0, 5003, 1e-2, 0.9, 0.999, 1e-7, 4.0,
+                      weight_decay, 1.0)
+    for out, want in zip(outs, two_pass):
+        np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-8)
+
+
+def test_adam_with_the_mean_inside_gives_the_same_bits_whole_or_in_pieces():
+    """A worker replaced halfway through its slice redoes it in other pieces: same bits."""
+    params, m, v, first, last, (c_first, c_last) = _adam_mean_case(10_000, 30)
+    whole = [np.empty_like(a) for a in (params, m, v)]
+    kernels.adam_mean_into(*whole, params, m, v, first, c_first, last, c_last, 0, 10_000, 1e-3,
+                           0.9, 0.999, 1e-7, 2.0, 0.0)
+    for cut in (1, 17, 4999, 9990):
+        pieces = [np.empty_like(a) for a in (params, m, v)]
+        for start, stop in ((0, cut), (cut, 10_000)):
+            kernels.adam_mean_into(*pieces, params, m, v, first, c_first, last, c_last, start,
+                                   stop, 1e-3, 0.9, 0.999, 1e-7, 2.0, 0.0)
+        for a, b in zip(whole, pieces):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_adam_with_the_mean_inside_reports_a_non_finite_gradient():
+    params, m, v, first, last, (c_first, c_last) = _adam_mean_case(64, 40)
+    last[7] = np.inf
+    outs = [np.empty_like(a) for a in (params, m, v)]
+    squares, non_finite = kernels.adam_mean_into(*outs, params, m, v, first, c_first, last,
+                                                 c_last, 0, 64, 0.1, 0.9, 0.999, 1e-7, 1.0, 0.0)
+    assert not np.isfinite(squares) and np.isnan(non_finite)
