@@ -139,10 +139,10 @@ def fault_injecting(core_class, faults):
             weighted_mean_into(work.reduced, work.slots, coefficients, start, stop, False)
             return squares
 
-        def _update_slice(self, step, learning_rate, scale):
-            strike(faults, "update", step)
-            # The real update on the first half of the slice (in the compact numbering of the
-            # trainable values: frozen weights are skipped), so it can die half written.
+        def _first_half(self, update):
+            """Run ``update()`` on the first half of this worker's slice (in the compact
+            numbering of the trainable values: frozen weights are skipped, theta left out), so
+            a fault that strikes next leaves the new version half written."""
             pieces, theta = self.weight_pieces, self.theta_pieces
             start, stop = self.weight_slice
             middle = (start + stop) // 2
@@ -150,32 +150,28 @@ def fault_injecting(core_class, faults):
                                   for low, high, compact in pieces if compact < middle]
             self.theta_pieces = []
             try:
-                non_finite = super()._update_slice(step, learning_rate, scale)
+                return update()
             finally:
                 self.weight_pieces, self.theta_pieces = pieces, theta
+
+        def _update_slice(self, step, learning_rate, scale):
+            strike(faults, "update", step)
+            update = super()._update_slice
+            non_finite = self._first_half(lambda: update(step, learning_rate, scale))
             strike(faults, "update_mid", step)
-            return non_finite + super()._update_slice(step, learning_rate, scale)
+            return non_finite + update(step, learning_rate, scale)
 
         def _reduce_and_update_slice(self, step, learning_rate, coefficients):
             # The mean formed inside the update (no clipping): both ops strike before anything
             # is written and again with the first half of the slice updated.
             strike(faults, "reduce", step)
             strike(faults, "update", step)
-            pieces, theta = self.weight_pieces, self.theta_pieces
-            start, stop = self.weight_slice
-            middle = (start + stop) // 2
-            self.weight_pieces = [(low, low + min(high - low, middle - compact), compact)
-                                  for low, high, compact in pieces if compact < middle]
-            self.theta_pieces = []
-            try:
-                _, half_non_finite = super()._reduce_and_update_slice(step, learning_rate,
-                                                                      coefficients)
-            finally:
-                self.weight_pieces, self.theta_pieces = pieces, theta
+            update = super()._reduce_and_update_slice
+            _, half_non_finite = self._first_half(lambda: update(step, learning_rate,
+                                                                 coefficients))
             strike(faults, "reduce_mid", step)
             strike(faults, "update_mid", step)
-            squares, non_finite = super()._reduce_and_update_slice(step, learning_rate,
-                                                                   coefficients)
+            squares, non_finite = update(step, learning_rate, coefficients)
             return squares, non_finite + half_non_finite
 
         def _local_step(self, step, start, stop, record):
