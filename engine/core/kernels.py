@@ -182,10 +182,11 @@ def adam_mean_into(params_out, m_out, v_out, params, m, v, first, first_coeffici
     last_coefficient * last`` formed on the fly; returns (sum of its squares in float64, 0.0 or
     NaN as :func:`adam_into`).
 
-    The weighted mean of two slots fused into the update: the mean is never written and read back
-    (on half the MLP's 1.07M values, 0.30-0.41 ms against 0.52-0.56 ms for the two passes with
-    warm caches, 0.61-0.76 ms against 0.91-1.02 ms cold). With more than two slots, ``first`` is the weighted mean of
-    all but the last, coefficient 1. Only this kernel's own results are reproducible bitwise:
+    The weighted mean of two slots fused into the update: with two workers the mean is never
+    written and read back (on half the MLP's 1.07M values, 0.30-0.41 ms against 0.52-0.56 ms for
+    the two passes with warm caches, 0.61-0.76 ms against 0.91-1.02 ms cold). With more than two,
+    ``first`` is the weighted mean of all but the last slot, coefficient 1: written once and read
+    once, as the full mean was, so no traffic is saved there. Only this kernel's own results are reproducible bitwise:
     LLVM may contract the two products into an FMA either way round, so they can differ in the
     last bit from :func:`weighted_mean_into` followed by :func:`adam_into`. No clipping scale:
     clipping needs the global norm before the update, so it runs the two passes.

@@ -74,7 +74,6 @@ class Adam:
                                  float(self.beta1), float(self.beta2), float(self.epsilon),
                                  float(step), float(self.weight_decay), float(scale))
 
-
     def update_from_mean_into(self, params_out, buffers_out, params, buffers, first,
                               first_coefficient, last, last_coefficient, start, stop,
                               learning_rate, step):
@@ -86,6 +85,20 @@ class Adam:
                                       last, float(last_coefficient), int(start), int(stop),
                                       float(learning_rate), float(self.beta1), float(self.beta2),
                                       float(self.epsilon), float(step), float(self.weight_decay))
+
+
+def fuses_slot_mean(optimizer):
+    """Whether the workers may call ``optimizer.update_from_mean_into`` instead of its
+    ``update_into``: only if the class that defines the fused update also defines (or inherits
+    from the one that defines) the plain one. A subclass of Adam that overrides ``update_into``
+    alone keeps its own rule: the fused update would skip it."""
+    cls = type(optimizer)
+    if getattr(cls, "update_from_mean_into", None) is None:
+        return False
+
+    def owner(name):
+        return next(klass for klass in cls.__mro__ if name in vars(klass))
+    return issubclass(owner("update_from_mean_into"), owner("update_into"))
 
 
 def AdamW(weight_decay=0.01, **options):

@@ -24,7 +24,7 @@ sleeps is descheduled by the host, and the worker's next compute after the wake-
 percent slower (probably cold caches on whatever physical core it got back). Alternated round by
 round (``benchmarks/barrier_spin.py``), 300 us trained the scaling MLP and CNN1D 1-9% faster
 than 50 us in most runs (never more than 4% slower), and no spin at all 10-22% slower on the
-CNN1D; 1 ms gained no more. A worker that waits longer for a slow peer spends at most 300 us of
+CNN1D; 1 ms gained no more. A worker that waits longer for a slow peer spends at most its spin of
 a core that would otherwise idle. ``ENGINE_BARRIER_SPIN_US`` sets it (microseconds; 0: sleep at
 once), for a host whose cores other work needs. A spin that calls ``sched_yield`` was tried and
 dropped: with a busy process on the same core the yield handed it whole time slices and halved

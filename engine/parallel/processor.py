@@ -16,6 +16,7 @@ from engine.core.state import NetworkState
 from engine.core.validation import check_params, check_processor_options
 from engine.parallel import memory, signals
 from engine.parallel import workspace as ws
+from engine.parallel.barrier import spin_seconds
 from engine.parallel.pool import default_start_method
 from engine.parallel.processor_pass import ProcessorPass
 from engine.parallel.processor_setup import ProcessorSetup
@@ -98,6 +99,7 @@ class ParallelBatchProcessor(ProcessorSetup, ProcessorPass):
                              f"{self.num_processes} processes.")
         self.batch_size, self.sync, self.update_interval = batch_size, sync, update_interval
         self.optimizer = make_optimizer(optimizer)
+        spin_seconds()  # a bad ENGINE_BARRIER_SPIN_US fails here (read again when workers start)
         self.seed, self._timeout_s = int(seed), timeout_s
         self.start_method = start_method or default_start_method()
         self.threads_per_process = max(1, cores // self.num_processes)

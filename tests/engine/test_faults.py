@@ -35,7 +35,7 @@ def fault_free_state():
     ("kill@0:7:compute", 0, 7),
     ("segv@1:3", 1, 3),
     ("exit@0:4:reduce", 0, 4),
-    ("kill@1:5:reduce_mid", 1, 5),   # dies with its slice of the average half written
+    ("kill@1:5:reduce_mid", 1, 5),   # dies with its slice half averaged (Adam: half updated)
     ("kill@0:8:update_mid", 0, 8),   # dies with its slice of the new state half written
 ])
 def test_a_dead_worker_is_replaced_and_the_result_is_identical(blobs, monkeypatch, faults, worker,

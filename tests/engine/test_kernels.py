@@ -165,3 +165,41 @@ def test_adam_with_the_mean_inside_reports_a_non_finite_gradient():
     squares, non_finite = kernels.adam_mean_into(*outs, params, m, v, first, c_first, last,
                                                  c_last, 0, 64, 0.1, 0.9, 0.999, 1e-7, 1.0, 0.0)
     assert not np.isfinite(squares) and np.isnan(non_finite)
+
+
+def test_with_three_slots_the_partial_mean_then_the_fused_update_match_the_two_passes():
+    params, m, v, first, last, _ = _adam_mean_case(3001, 50)
+    slots = np.stack([first, last, _random(3001, 59)])
+    coefficients = np.array([0.2, 0.5, 0.3])
+    partial = np.empty_like(first)
+    kernels.weighted_mean_into(partial, slots[:2], coefficients[:2], 0, 3001, False)
+    fused = [np.empty_like(a) for a in (params, m, v)]
+    kernels.adam_mean_into(*fused, params, m, v, partial, 1.0, slots[2], coefficients[2], 0, 3001,
+                           1e-2, 0.9, 0.999, 1e-7, 2.0, 0.0)
+    mean = np.empty_like(first)
+    kernels.weighted_mean_into(mean, slots, coefficients, 0, 3001, False)
+    two_pass = [np.empty_like(a) for a in (params, m, v)]
+    kernels.adam_into(*two_pass, params, m, v, mean, 0, 3001, 1e-2, 0.9, 0.999, 1e-7, 2.0, 0.0,
+                      1.0)
+    for out, want in zip(fused, two_pass):
+        np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-8)
+
+
+def test_workers_fuse_the_mean_only_into_an_update_rule_that_offers_it():
+    from dataclasses import dataclass
+
+    from engine.core.optim import SGD, Adam, AdamW, fuses_slot_mean
+
+    @dataclass(frozen=True)
+    class OwnRule(Adam):  # overrides the plain update only: the fused one would skip it
+        def update_into(self, *args):
+            return super().update_into(*args)
+
+    @dataclass(frozen=True)
+    class OwnBoth(OwnRule):
+        def update_from_mean_into(self, *args):
+            return super().update_from_mean_into(*args)
+
+    assert fuses_slot_mean(Adam()) and fuses_slot_mean(AdamW())
+    assert not fuses_slot_mean(SGD()) and not fuses_slot_mean(SGD(momentum=0.9))
+    assert not fuses_slot_mean(OwnRule()) and fuses_slot_mean(OwnBoth())
