@@ -31,18 +31,18 @@ DEFAULT_SPINS_US = (50, 0, 300, 1000)
 
 
 def _spin_runner(spin_us, cores, model, batch_size, examples, labels):
-    """A processor whose workers poll ``spin_us``; its warm-up epoch starts them (the owner reads
-    the variable when it sets its workers up)."""
+    """A processor whose workers poll ``spin_us`` (the processor reads the variable when it is
+    made), after its warm-up epoch (which starts the workers)."""
     previous = os.environ.get(SPIN_VARIABLE)
     os.environ[SPIN_VARIABLE] = str(spin_us)
     try:
         runner = Runner(f"spin {spin_us} us", cores, 1, model, batch_size)
-        runner.epoch(examples, labels)
     finally:
         if previous is None:
             os.environ.pop(SPIN_VARIABLE, None)
         else:
             os.environ[SPIN_VARIABLE] = previous
+    runner.epoch(examples, labels)
     return runner
 
 

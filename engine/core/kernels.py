@@ -128,6 +128,26 @@ def sgd_ref(params, velocity, grads, learning_rate, momentum, nesterov, scale):
 
 
 @njit(**_FAST)
+def _adam_constants(learning_rate, beta1, beta2, epsilon, step, weight_decay):
+    """The float32 constants of an Adam step: b1, b2, 1 - b1, 1 - b2, the step size, epsilon and
+    the decay factor. Bias corrections folded into the step size, lr * sqrt(1-b2^t) / (1-b1^t),
+    and eps scaled to match p -= lr * m_hat / (sqrt(v_hat) + eps) exactly."""
+    correction2 = np.sqrt(1.0 - beta2 ** step)
+    return (np.float32(beta1), np.float32(beta2), np.float32(1.0 - beta1),
+            np.float32(1.0 - beta2),
+            np.float32(learning_rate * correction2 / (1.0 - beta1 ** step)),
+            np.float32(epsilon * correction2), np.float32(1.0 - learning_rate * weight_decay))
+
+
+@njit(inline="always", **_FAST)
+def _adam_element(g, m, v, p, b1, b2, one_minus_b1, one_minus_b2, lr_t, eps_t, decay):
+    """One value's Adam step: (new m, new v, new p). Inlined into the kernels' loops."""
+    m = b1 * m + one_minus_b1 * g
+    v = b2 * v + one_minus_b2 * (g * g)
+    return m, v, p * decay - lr_t * m / (np.sqrt(v) + eps_t)
+
+
+@njit(**_FAST)
 def adam_into(params_out, m_out, v_out, params, m, v, grads, start, stop, learning_rate, beta1,
               beta2, epsilon, step, weight_decay, scale):
     """Adam (weight_decay=0) or AdamW (decoupled weight decay) step on [start, stop).
@@ -138,25 +158,13 @@ def adam_into(params_out, m_out, v_out, params, m, v, grads, start, stop, learni
     """
     p_out, m_o, v_o = params_out[start:stop], m_out[start:stop], v_out[start:stop]
     p_in, m_in, v_in, g_in = params[start:stop], m[start:stop], v[start:stop], grads[start:stop]
-    b1 = np.float32(beta1)
-    b2 = np.float32(beta2)
-    one_minus_b1 = np.float32(1.0 - beta1)
-    one_minus_b2 = np.float32(1.0 - beta2)
-    # Bias corrections folded into the step size: lr * sqrt(1-b2^t) / (1-b1^t), and eps scaled to
-    # match p -= lr * m_hat / (sqrt(v_hat) + eps) exactly.
-    correction2 = np.sqrt(1.0 - beta2 ** step)
-    lr_t = np.float32(learning_rate * correction2 / (1.0 - beta1 ** step))
-    eps_t = np.float32(epsilon * correction2)
-    decay = np.float32(1.0 - learning_rate * weight_decay)
+    b1, b2, one_minus_b1, one_minus_b2, lr_t, eps_t, decay = _adam_constants(
+        learning_rate, beta1, beta2, epsilon, step, weight_decay)
     s = np.float32(scale)
     non_finite = np.float32(0.0)
     for j in range(p_out.size):
-        g = s * g_in[j]
-        mj = b1 * m_in[j] + one_minus_b1 * g
-        vj = b2 * v_in[j] + one_minus_b2 * (g * g)
-        m_o[j] = mj
-        v_o[j] = vj
-        p = p_in[j] * decay - lr_t * mj / (np.sqrt(vj) + eps_t)
+        m_o[j], v_o[j], p = _adam_element(s * g_in[j], m_in[j], v_in[j], p_in[j], b1, b2,
+                                          one_minus_b1, one_minus_b2, lr_t, eps_t, decay)
         p_out[j] = p
         non_finite += p - p
     return non_finite
@@ -186,34 +194,25 @@ def adam_mean_into(params_out, m_out, v_out, params, m, v, first, first_coeffici
     written and read back (on half the MLP's 1.07M values, 0.30-0.41 ms against 0.52-0.56 ms for
     the two passes with warm caches, 0.61-0.76 ms against 0.91-1.02 ms cold). With more than two,
     ``first`` is the weighted mean of all but the last slot, coefficient 1: written once and read
-    once, as the full mean was, so no traffic is saved there. Only this kernel's own results are reproducible bitwise:
-    LLVM may contract the two products into an FMA either way round, so they can differ in the
-    last bit from :func:`weighted_mean_into` followed by :func:`adam_into`. No clipping scale:
-    clipping needs the global norm before the update, so it runs the two passes.
+    once, as the full mean was, so no traffic is saved there. Only this kernel's own results are
+    reproducible bitwise: LLVM may contract the two products into an FMA either way round, so they
+    can differ in the last bit from :func:`weighted_mean_into` followed by :func:`adam_into`. No
+    clipping scale: clipping needs the global norm before the update, so it runs the two passes.
     """
     p_out, m_o, v_o = params_out[start:stop], m_out[start:stop], v_out[start:stop]
     p_in, m_in, v_in = params[start:stop], m[start:stop], v[start:stop]
     a, b = first[start:stop], last[start:stop]
     c_a = np.float32(first_coefficient)
     c_b = np.float32(last_coefficient)
-    b1 = np.float32(beta1)
-    b2 = np.float32(beta2)
-    one_minus_b1 = np.float32(1.0 - beta1)
-    one_minus_b2 = np.float32(1.0 - beta2)
-    correction2 = np.sqrt(1.0 - beta2 ** step)  # as adam_into
-    lr_t = np.float32(learning_rate * correction2 / (1.0 - beta1 ** step))
-    eps_t = np.float32(epsilon * correction2)
-    decay = np.float32(1.0 - learning_rate * weight_decay)
+    b1, b2, one_minus_b1, one_minus_b2, lr_t, eps_t, decay = _adam_constants(
+        learning_rate, beta1, beta2, epsilon, step, weight_decay)
     squares = 0.0
     non_finite = np.float32(0.0)
     for j in range(p_out.size):
         g = c_a * a[j] + c_b * b[j]
         squares += np.float64(g) * np.float64(g)
-        mj = b1 * m_in[j] + one_minus_b1 * g
-        vj = b2 * v_in[j] + one_minus_b2 * (g * g)
-        m_o[j] = mj
-        v_o[j] = vj
-        p = p_in[j] * decay - lr_t * mj / (np.sqrt(vj) + eps_t)
+        m_o[j], v_o[j], p = _adam_element(g, m_in[j], v_in[j], p_in[j], b1, b2, one_minus_b1,
+                                          one_minus_b2, lr_t, eps_t, decay)
         p_out[j] = p
         non_finite += p - p
     return squares, non_finite

@@ -61,7 +61,8 @@ class _Timespec(ctypes.Structure):
 
 def spin_seconds(environ=os.environ):
     """How long a worker on a core of its own polls before it sleeps: ``ENGINE_BARRIER_SPIN_US``
-    (microseconds, 0 to 1e6) or 300 us. Read by the owner, which passes it to its workers."""
+    (microseconds, 0 to 1e6) or 300 us. Read by the processor when it is made, which passes it
+    to its workers."""
     text = environ.get(SPIN_VARIABLE, "").strip()
     if not text:
         return DEFAULT_SPIN_S

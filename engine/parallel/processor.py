@@ -99,7 +99,7 @@ class ParallelBatchProcessor(ProcessorSetup, ProcessorPass):
                              f"{self.num_processes} processes.")
         self.batch_size, self.sync, self.update_interval = batch_size, sync, update_interval
         self.optimizer = make_optimizer(optimizer)
-        spin_seconds()  # a bad ENGINE_BARRIER_SPIN_US fails here (read again when workers start)
+        self._spin_s = spin_seconds()  # read once: a bad ENGINE_BARRIER_SPIN_US fails here
         self.seed, self._timeout_s = int(seed), timeout_s
         self.start_method = start_method or default_start_method()
         self.threads_per_process = max(1, cores // self.num_processes)

@@ -19,7 +19,7 @@ from engine.core.validation import check_data, check_model, check_state
 from engine.parallel import memory, signals
 from engine.parallel import worker as ops
 from engine.parallel import workspace as ws
-from engine.parallel.barrier import Barriers, spin_seconds
+from engine.parallel.barrier import Barriers
 from engine.parallel.data_identity import data_key
 from engine.parallel.pool import InProcessExecutor, WorkerPool
 from engine.parallel.shm import check_shared_memory_space, sweep_orphaned_blocks
@@ -148,7 +148,7 @@ class ProcessorSetup:
             self._executor = WorkerPool(
                 dict(model=self.model, layout=layout, optimizer=self.optimizer, sync=self.sync,
                      workspace=work.spec, threads=self.threads_per_process,
-                     owner_pid=os.getpid(), spin_s=spin_seconds()),
+                     owner_pid=os.getpid(), spin_s=self._spin_s),
                 self.num_processes, self.start_method, self._timeout_s, self.max_restarts,
                 progress=self._worker_progress,
                 abort=self._barriers.abort_all, tick=self._tick,

@@ -147,9 +147,13 @@ class GradientsPass:
                     params[current][start:stop], optimizer[current][:, start:stop],
                     averaged[compact:compact + stop - start], 0, stop - start, learning_rate,
                     step + 1, scale)
-        for start, stop, compact in self.theta_pieces:
-            params[following][start:stop] = averaged[compact:compact + stop - start]
+        self._copy_theta_into(params[following], averaged)
         return non_finite
+
+    def _copy_theta_into(self, params, averaged):
+        """The averaged theta of this worker's slice into the next version ``params``."""
+        for start, stop, compact in self.theta_pieces:
+            params[start:stop] = averaged[compact:compact + stop - start]
 
     def _reduce_and_update_slice(self, step, learning_rate, coefficients):
         """The weighted mean of the slots over this worker's slice formed inside the optimizer step
@@ -179,8 +183,7 @@ class GradientsPass:
                 coefficients[last], 0, stop - start, learning_rate, step + 1)
             squares += piece_squares
             non_finite += piece_non_finite
-        for start, stop, compact in self.theta_pieces:
-            params[following][start:stop] = reduced[compact:compact + stop - start]
+        self._copy_theta_into(params[following], reduced)
         return squares, non_finite
 
     def reduce(self):
