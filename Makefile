@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/barrier_spin.py
 	$(PY) benchmarks/vs_peers.py
 	$(PY) benchmarks/layer_times.py
+	$(PY) benchmarks/host_contention.py
 	$(PY) benchmarks/vs_keras.py
 	$(PY) benchmarks/latency.py
 	$(PY) benchmarks/freezing.py

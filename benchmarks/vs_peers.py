@@ -1,7 +1,7 @@
 """The native engine against its peers on the IMU CNN-BiLSTM workload: Keras ``model.fit`` and a
 PyTorch twin (default threads, and DDP/gloo with one rank per core), all in one run.
 
-    .venv/bin/python benchmarks/vs_peers.py [--quick] [--rounds N]
+    .venv/bin/python benchmarks/vs_peers.py [--quick] [--rounds N] [--native-only]
 
 Workload (issue 9, item 5): ``imu_cnn_bilstm`` (Conv1D(64,5)+BN, Conv1D(128,5), MaxPool(2),
 BiLSTM(128, sequences), BiLSTM(128), Dense(128), Dropout(0.3), Dense(26); 739,226 values),
@@ -28,6 +28,10 @@ ready) is taken from the engine's first epoch. Before that, one child process ti
 Headline (last line): ``vs_peers native_vs_fit=X native_vs_torch_ddp=Y efficiency=Z``: native
 engine rate / fit default rate; / torch DDP rate (nan without torch); / (cores x native 1-thread
 rate). Targets (issue 9): X >= 1.6, Y >= 1.2, Z >= 0.9, native 1 thread >= torch 1 thread.
+The table also gives each ratio of every round's own rates, median over rounds (a drift of the
+host's speed between rounds cancels in them; ``per_round_medians`` in the JSON).
+``--native-only`` runs the two native configurations alone (X and Y are nan): Z with the two
+taking turns directly, not with four peers' epochs between them.
 """
 import _common  # noqa: F401 - first: puts the repository root on sys.path
 
@@ -276,9 +280,13 @@ def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--layer-child":
         layer_child(int(sys.argv[2]))
         return
-    args = parse_args(__doc__.splitlines()[0], lambda parser: parser.add_argument(
-        "--rounds", type=int, default=None, help="timed epochs per configuration (default 3, "
-                                                 "1 with --quick)"))
+    def options(parser):
+        parser.add_argument("--rounds", type=int, default=None,
+                            help="timed epochs per configuration (default 3, 1 with --quick)")
+        parser.add_argument("--native-only", action="store_true",
+                            help="only the two native configurations: their efficiency (Z) "
+                                 "without the peers' epochs in between")
+    args = parse_args(__doc__.splitlines()[0], options)
     from engine import usable_cores
     cores = usable_cores()
     rows = QUICK_ROWS if args.quick else ROWS
@@ -298,8 +306,9 @@ def main():
     try:
         runners.append(EngineRunner(f"native {cores}p", model, cores))
         runners.append(NativeOneThreadRunner("native 1 thread", model))
-        runners.append(FitRunner("fit default", 0, rows))
-        if have_torch:
+        if not args.native_only:
+            runners.append(FitRunner("fit default", 0, rows))
+        if have_torch and not args.native_only:
             runners.append(TorchRunner("torch default", 1, 0, rows))
             runners.append(TorchRunner("torch 1 thread", 1, 1, rows))
             runners.append(TorchRunner(f"torch DDP {cores}x1", cores, 1, rows))
@@ -332,6 +341,7 @@ def main():
         for runner in runners:
             runner.close()
     summary = _summarize(runners, cores, lstm)
+    summary["per_round_medians"] = _per_round_medians(history, cores)
     summary["worker_start_s"] = ready_s
     cleanup, cpu = leftovers(), load.report()
     _print_summary(summary, cores)
@@ -370,10 +380,28 @@ def _summarize(runners, cores, lstm):
     native = rate[f"native {cores}p"]
     ddp = rate.get(f"torch DDP {cores}x1", float("nan"))
     return dict(configurations=configurations, cores=cores, lstm_direction_ms=lstm,
-                native_vs_fit=native / rate["fit default"], native_vs_torch_ddp=native / ddp,
+                native_vs_fit=native / rate.get("fit default", float("nan")),
+                native_vs_torch_ddp=native / ddp,
                 efficiency=native / (cores * rate["native 1 thread"]),
                 native_1_thread_vs_torch_1_thread=rate["native 1 thread"] /
                 rate.get("torch 1 thread", float("nan")))
+
+
+def _per_round_medians(history, cores):
+    """X, Y and Z of each round's own rates, median over rounds: epochs of one round ran minutes
+    apart at most, so a drift of the host's speed over the run cancels in them."""
+    def ratio(rates, label, over, factor=1):
+        peer = rates.get(over)
+        return rates[label] / (factor * peer) if peer else float("nan")
+
+    native = f"native {cores}p"
+    medians = {}
+    for key, over, factor in (("native_vs_fit", "fit default", 1),
+                              ("native_vs_torch_ddp", f"torch DDP {cores}x1", 1),
+                              ("efficiency", "native 1 thread", cores)):
+        values = [ratio(r["steady_samples_per_s"], native, over, factor) for r in history]
+        medians[key] = float(np.median(values)) if values else float("nan")
+    return medians
 
 
 def _print_summary(summary, cores):
@@ -397,6 +425,10 @@ def _print_summary(summary, cores):
     print(f"  native 1 thread / torch 1 thread: "
           f"{summary['native_1_thread_vs_torch_1_thread']:.2f}; one LSTM direction forward + "
           f"backward (T 62, batch 32, 128 units, 1 thread): {lstm}")
+    rounds = summary["per_round_medians"]
+    print(f"  per-round ratios, median over rounds: native vs fit {rounds['native_vs_fit']:.2f}, "
+          f"vs torch DDP {rounds['native_vs_torch_ddp']:.2f}, efficiency "
+          f"{rounds['efficiency']:.2f}")
     starts = ", ".join(f"{label} {seconds:.2f} s" for label, seconds in
                        summary["worker_start_s"].items())
     print(f"  worker pool start (launch to every worker ready): {starts}\n")

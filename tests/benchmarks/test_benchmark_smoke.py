@@ -20,25 +20,32 @@ HEADLINES = {
     "latency": r"^latency p50_us=\d+ p99_us=\d+ vs_keras=\d+\.\d\d$",
     "step_overhead": r"^step_overhead overhead_us=\d+$",
     "barrier_spin": r"^barrier_spin mlp_gain=\d+\.\d\d cnn_gain=\d+\.\d\d$",
+    "host_contention": r"^host_contention twin=(\d+\.\d\d|nan) stream=(\d+\.\d\d|nan) "
+                       r"gemm=(\d+\.\d\d|nan)$",
     "layer_times": r"^layer_times step_ms=\d+\.\d top=\S+:\d+\.\d$",
     "vs_peers": r"^vs_peers native_vs_fit=\d+\.\d\d native_vs_torch_ddp=(\d+\.\d\d|nan) "
                 r"efficiency=\d+\.\d\d$",
 }
+# Runs of a script with extra arguments, under their own name: (script, arguments, headline).
+VARIANTS = {"vs_peers --native-only": (
+    "vs_peers", ["--native-only"],
+    r"^vs_peers native_vs_fit=nan native_vs_torch_ddp=nan efficiency=\d+\.\d\d$")}
 NEEDS = {"latency": "tensorflow", "vs_peers": "tensorflow"}  # compared against a framework
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(HEADLINES))
-def test_benchmark_runs_quick_and_prints_its_headline(name, tmp_path):
-    if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None:  # not imported here
-        pytest.skip(f"{name} needs {NEEDS[name]}, which is not installed")
+@pytest.mark.parametrize("run", sorted(HEADLINES) + sorted(VARIANTS))
+def test_benchmark_runs_quick_and_prints_its_headline(run, tmp_path):
+    name, arguments, headline = VARIANTS.get(run, (run, [], HEADLINES.get(run)))
+    if run in NEEDS and importlib.util.find_spec(NEEDS[run]) is None:  # not imported here
+        pytest.skip(f"{run} needs {NEEDS[run]}, which is not installed")
     out = tmp_path / f"{name}.json"
     finished = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", f"{name}.py"),
-                               "--quick", "--out", str(out)],
+                               "--quick", "--out", str(out), *arguments],
                               capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert finished.returncode == 0, finished.stderr[-2000:]
     last_line = finished.stdout.strip().splitlines()[-1]
-    assert re.match(HEADLINES[name], last_line), last_line
+    assert re.match(headline, last_line), last_line
     document = json.loads(out.read_text())
     assert document["benchmark"] == name and document["quick"] is True
     assert document["machine"]["usable_cores"] >= 1
