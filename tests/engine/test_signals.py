@@ -32,10 +32,17 @@ _TRAIN_FOREVER = textwrap.dedent("""
 """)
 
 
+def _default_hangup():
+    """The script starts with SIGHUP's default action, as in a terminal, even when the tests
+    themselves run under nohup (which ignores it, and an ignored SIGHUP is left ignored)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM])
 def test_hangup_and_terminate_unwind_through_cleanup(signum):
     script = subprocess.Popen([sys.executable, "-c", _TRAIN_FOREVER.format(root=ROOT)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=_default_hangup)
     try:
         deadline, workers = time.monotonic() + 60, []
         while time.monotonic() < deadline and len(workers) != 2:
@@ -55,18 +62,20 @@ def test_hangup_and_terminate_unwind_through_cleanup(signum):
 
 
 def test_handlers_are_restored_and_an_ignored_hangup_is_left_ignored(blobs):
+    terminate = signal.getsignal(signal.SIGTERM)
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
     try:
         with ParallelBatchProcessor(MLP(sizes=(12, 4, 3)), num_processes=2, batch_size=20) as p:
             p.process_batch(blobs[0][:20], blobs[1][:20], p.model.init_state(0),
                             {"learning_rate": 0.1})
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
-            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+            assert signal.getsignal(signal.SIGTERM) is not terminate
+        assert signal.getsignal(signal.SIGTERM) is terminate
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal
+        with ParallelBatchProcessor(MLP(sizes=(12, 4, 3)), num_processes=2, batch_size=20) as p:
+            p.process_batch(blobs[0][:20], blobs[1][:20], p.model.init_state(0),
+                            {"learning_rate": 0.1})
+            assert signal.getsignal(signal.SIGHUP) is not signal.SIG_DFL
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGHUP, previous)
-    with ParallelBatchProcessor(MLP(sizes=(12, 4, 3)), num_processes=2, batch_size=20) as p:
-        p.process_batch(blobs[0][:20], blobs[1][:20], p.model.init_state(0),
-                        {"learning_rate": 0.1})
-        assert signal.getsignal(signal.SIGHUP) is not signal.SIG_DFL
-    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
