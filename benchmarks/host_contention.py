@@ -90,7 +90,8 @@ def _serve(connection, kind, model_name, batch, core):
             while not connection.poll():
                 work()
                 done += 1
-            connection.recv()  # the message that stopped it
+            if connection.recv() is None:  # the message that stopped it: maybe the end
+                return
             connection.send(done)
 
 
@@ -98,6 +99,7 @@ class Child:
     """One forked worker of ``_serve`` (forked before this process imports the models)."""
 
     def __init__(self, kind, model_name, batch, core):
+        self.kind = kind
         context = multiprocess.get_context("fork")
         self.connection, theirs = context.Pipe()
         self.process = context.Process(target=_serve, daemon=True,
@@ -106,8 +108,14 @@ class Child:
         theirs.close()
 
     def ready(self):
-        if self.connection.recv() != "ready":
-            raise RuntimeError("a host_contention child did not start")
+        try:
+            message = self.connection.recv()
+        except EOFError:
+            message = None
+        if message != "ready":
+            raise RuntimeError(f"the {self.kind!r} process exited before it was ready (exit code "
+                               f"{self.process.exitcode}); its error is printed above. Check "
+                               "--model (a native zoo name) and --batch.")
 
     def close(self):
         try:
