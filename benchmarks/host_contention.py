@@ -29,12 +29,14 @@ import numpy as np
 
 from _common import CpuLoad, QuietWaiter, log, parse_args, report_cleanup, rotated, write_results
 from engine import usable_cores
+from engine.parallel import signals
 
 NEIGHBOURS = ("twin", "stream", "gemm")
 ROUNDS, QUICK_ROUNDS = 6, 2
 STEPS, QUICK_STEPS = 12, 2
 _QUIET_BUDGET_S = 60.0
 _STREAM_BYTES, _GEMM_SIZE = 64 * 2**20, 1024
+_OWNER_CHECK_S = 1.0  # how often an idle child checks that its parent is alive
 
 
 def _bind(core):
@@ -69,11 +71,17 @@ def _prepare(kind, model_name, batch):
 
 def _serve(connection, kind, model_name, batch, core):
     """A child: ``("steps", n)`` times n steps and sends their seconds; ``("run", None)`` runs
-    steps until the next message (which it reads) and sends how many; ``None`` ends it."""
+    steps until the next message (which it reads) and sends how many; ``None`` ends it. It also
+    ends when the parent is gone: later children hold copies of the pipe ends, so a killed
+    parent would never give it an end of file."""
+    owner = os.getppid()
     _bind(core)
     limit, work = _prepare(kind, model_name, batch)  # noqa: F841 - the limit lasts while it lives
     connection.send("ready")
     while True:
+        while not connection.poll(_OWNER_CHECK_S):
+            if os.getppid() != owner:
+                return
         message = connection.recv()
         if message is None:
             return
@@ -88,6 +96,8 @@ def _serve(connection, kind, model_name, batch, core):
         else:  # "run": busy until told otherwise, then say how many steps it ran
             done = 0
             while not connection.poll():
+                if os.getppid() != owner:
+                    return
                 work()
                 done += 1
             if connection.recv() is None:  # the message that stopped it: maybe the end
@@ -113,6 +123,7 @@ class Child:
         except EOFError:
             message = None
         if message != "ready":
+            self.process.join(timeout=5)  # its exit code, once it is reaped
             raise RuntimeError(f"the {self.kind!r} process exited before it was ready (exit code "
                                f"{self.process.exitcode}); its error is printed above. Check "
                                "--model (a native zoo name) and --batch.")
@@ -164,6 +175,7 @@ def main():
     steps = QUICK_STEPS if args.quick else STEPS
     load = CpuLoad()
     children = []
+    held = signals.hold()  # SIGTERM and SIGHUP unwind through the finally below
     try:
         measured = Child("step", args.model, args.batch, core(0))
         children.append(measured)
@@ -195,6 +207,8 @@ def main():
     finally:
         for child in children:
             child.close()
+        if held:
+            signals.release()
     ratios = {kind: float(np.median([r["step_s"][kind] / r["step_s"]["alone"]
                                      for r in per_round])) if neighbours else float("nan")
               for kind in NEIGHBOURS}
@@ -215,6 +229,8 @@ def main():
     print(f"results: {path}")
     print("host_contention " + " ".join(f"{kind}={ratios[kind]:.2f}" for kind in NEIGHBOURS),
           flush=True)
+    if cleanup["our_shm_blocks"] or cleanup["live_children"]:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Timings are never asserted here (they belong to the benchmarks themselves); this
 scripts working."""
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -51,3 +52,5 @@ def test_benchmark_runs_quick_and_prints_its_headline(run, tmp_path):
     assert document["machine"]["usable_cores"] >= 1
     if name == "scaling" and document["machine"]["usable_cores"] > 1:  # the host's own ceiling
         assert document["headline"]["mlp_host_ceiling"] > 0
+    if name == "host_contention" and document["machine"]["usable_cores"] > 1:  # neighbours ran
+        assert all(math.isfinite(ratio) and ratio > 0 for ratio in document["headline"].values())

@@ -62,15 +62,16 @@ def test_hangup_and_terminate_unwind_through_cleanup(signum):
 
 
 def test_handlers_are_restored_and_an_ignored_hangup_is_left_ignored(blobs):
-    terminate = signal.getsignal(signal.SIGTERM)
+    previous_terminate = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # whatever the runner set
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
     try:
         with ParallelBatchProcessor(MLP(sizes=(12, 4, 3)), num_processes=2, batch_size=20) as p:
             p.process_batch(blobs[0][:20], blobs[1][:20], p.model.init_state(0),
                             {"learning_rate": 0.1})
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
-            assert signal.getsignal(signal.SIGTERM) is not terminate
-        assert signal.getsignal(signal.SIGTERM) is terminate
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
         signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal
         with ParallelBatchProcessor(MLP(sizes=(12, 4, 3)), num_processes=2, batch_size=20) as p:
             p.process_batch(blobs[0][:20], blobs[1][:20], p.model.init_state(0),
@@ -79,3 +80,4 @@ def test_handlers_are_restored_and_an_ignored_hangup_is_left_ignored(blobs):
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGHUP, previous)
+        signal.signal(signal.SIGTERM, previous_terminate)
