@@ -158,6 +158,20 @@ class QuietWaiter:
                     waited_s=self.waited_s, rounds_started_busy=self.busy_rounds)
 
 
+def warm_native_step(model_name, batch):
+    """A native zoo model, its seed-0 state and a random batch ``(model, state, x, y)``, after
+    three training steps (compiled, buffers faulted in): what a worker's step runs on."""
+    import models
+    model = models.get_model(model_name)
+    state = model.init_state(seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, *model.input_shape)).astype(np.float32)
+    y = rng.integers(0, model.num_outputs, batch)
+    for _ in range(3):
+        model.loss_and_grads(state, x, y)
+    return model, state, x, y
+
+
 def leftovers():
     """Engine blocks in /dev/shm (any owner) and live child processes of ours, after cleanup."""
     from engine.parallel.shm import blocks_of

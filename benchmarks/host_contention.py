@@ -27,9 +27,11 @@ import time
 import multiprocess
 import numpy as np
 
-from _common import CpuLoad, QuietWaiter, log, parse_args, report_cleanup, rotated, write_results
+from _common import (CpuLoad, QuietWaiter, log, parse_args, report_cleanup, rotated,
+                     warm_native_step, write_results)
 from engine import usable_cores
 from engine.parallel import signals
+from engine.parallel.system import bind_to_cores
 
 NEIGHBOURS = ("twin", "stream", "gemm")
 ROUNDS, QUICK_ROUNDS = 6, 2
@@ -37,12 +39,6 @@ STEPS, QUICK_STEPS = 12, 2
 _QUIET_BUDGET_S = 60.0
 _STREAM_BYTES, _GEMM_SIZE = 64 * 2**20, 1024
 _OWNER_CHECK_S = 1.0  # how often an idle child checks that its parent is alive
-
-
-def _bind(core):
-    """Run this process on ``core`` alone (where the OS allows it), as an engine worker is."""
-    if core is not None and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {core})
 
 
 def _prepare(kind, model_name, batch):
@@ -58,14 +54,7 @@ def _prepare(kind, model_name, batch):
         matrix = np.random.default_rng(0).standard_normal((_GEMM_SIZE, _GEMM_SIZE))
         matrix = matrix.astype(np.float32)
         return limit, lambda: matrix @ matrix
-    import models
-    model = models.get_model(model_name)
-    state = model.init_state(seed=0)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, *model.input_shape)).astype(np.float32)
-    y = rng.integers(0, model.num_outputs, batch)
-    for _ in range(3):  # compile and fault in the buffers
-        model.loss_and_grads(state, x, y)
+    model, state, x, y = warm_native_step(model_name, batch)
     return limit, lambda: model.loss_and_grads(state, x, y)
 
 
@@ -75,7 +64,8 @@ def _serve(connection, kind, model_name, batch, core):
     ends when the parent is gone: later children hold copies of the pipe ends, so a killed
     parent would never give it an end of file."""
     owner = os.getppid()
-    _bind(core)
+    if core is not None:  # as an engine worker is: on a core of its own
+        bind_to_cores({core})
     limit, work = _prepare(kind, model_name, batch)  # noqa: F841 - the limit lasts while it lives
     connection.send("ready")
     while True:

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from _common import QuietWaiter, log, parse_args, write_results
+from _common import QuietWaiter, log, parse_args, warm_native_step, write_results
 from engine.parallel.system import keep_freed_memory, limit_threads
 
 REPEATS, QUICK_REPEATS = 20, 2
@@ -57,16 +57,9 @@ def main():
     args = parse_args(__doc__.splitlines()[0], options)
     limit = limit_threads(1)  # noqa: F841 - as in a worker: the limit lasts while it lives
     keep_freed_memory()
-    import models
     from models.layers import recurrent
     recurrent.COMPILED_LOOPS = not args.python_loops
-    model = models.get_model(args.model)
-    state = model.init_state(seed=0)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.batch, *model.input_shape)).astype(np.float32)
-    y = rng.integers(0, model.num_outputs, args.batch)
-    for _ in range(3):  # compile and fault in the buffers
-        model.loss_and_grads(state, x, y)
+    model, state, x, y = warm_native_step(args.model, args.batch)
     QuietWaiter(0.0 if args.quick else 60.0).wait()
     seconds = timed_layers(model)
     repeats = QUICK_REPEATS if args.quick else REPEATS

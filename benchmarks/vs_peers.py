@@ -390,7 +390,7 @@ def _summarize(runners, cores, lstm):
 def _per_round_medians(history, cores):
     """X, Y and Z of each round's own rates, median over rounds: epochs of one round ran minutes
     apart at most, so a drift of the host's speed over the run cancels in them."""
-    def ratio(rates, label, over, factor=1):
+    def ratio(rates, label, over, factor):
         peer = rates.get(over)
         return rates[label] / (factor * peer) if peer else float("nan")
 
