@@ -145,6 +145,9 @@ class EngineRunner:
                                rss_bytes=results["peak_rss_bytes"].tolist())
         for key in ("compute_s", "sync_s", "wait_s"):
             record[key] = float(np.sum(results[key][SKIP_STEPS:]))
+        # The mean worker's compute: against compute_s (the slowest one's), the lockstep's cost.
+        record["mean_worker_compute_s"] = float(
+            np.sum(results["worker_compute_s"][SKIP_STEPS:].mean(axis=1)))
         return record
 
     def pids(self):

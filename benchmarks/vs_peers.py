@@ -14,7 +14,12 @@ turns epoch by epoch (each round starting with a different one):
 * ``fit default``: Keras ``model.fit`` in a child process, TensorFlow's default threading;
 * ``torch default`` and ``torch 1 thread``: a PyTorch twin of the model in a child process;
 * ``torch DDP Nx1``: DistributedDataParallel over gloo, one rank per usable core, one thread each,
-  the same global batch (each rank takes its share of every batch of 64).
+  the same global batch (each rank takes its share of every batch of 64);
+* ``Np independent`` (with more than one usable core): the host's own ceiling for Z, N forked
+  processes that never exchange anything (``benchmarks/_independent.py``), each computing its
+  shard of every batch and the Adam update of its share of the values. Its rate over cores x
+  native 1 thread is what two busy cores and the smaller step leave of Z before any
+  synchronization; native Np over it is the share of that ceiling the engine keeps.
 
 Rates are steady-state samples/s: examples of the steps after the first ``SKIP_STEPS`` of each
 epoch over the time they took (the engine's per-step ``wall_s``, the peers' step-end timestamps).
@@ -47,6 +52,7 @@ import numpy as np
 
 from _common import CpuLoad, QuietWaiter, format_seconds, leftovers, log, parse_args, rotated, \
     write_results
+from _independent import IndependentRunner
 from vs_keras import (BATCH_SIZE, CLASSES, LEARNING_RATE, ROWS, SHAPE, SKIP_STEPS, EngineRunner,
                       FitRunner, _epoch_record, _step_sizes, make_data)
 
@@ -224,6 +230,29 @@ class NativeOneThreadRunner(EngineRunner):
             return super().epoch(data)
 
 
+class CeilingRunner:
+    """``Np independent``: ``IndependentRunner``'s processes, recorded as the other
+    configurations are (steady rate over the steps after the first ``SKIP_STEPS``)."""
+
+    def __init__(self, label, num_processes, model):
+        self.label, self.epochs = label, []
+        self.runner = IndependentRunner(label, num_processes, model, BATCH_SIZE, LEARNING_RATE)
+
+    def epoch(self, data):
+        examples, labels = data
+        record = self.runner.epoch(examples, labels)
+        step_s = record["compute_s"]  # per step, mean over the processes (they never wait)
+        return _epoch_record(record["seconds"], step_s, _step_sizes(len(examples), len(step_s)),
+                             len(examples), loss=float("nan"),
+                             rss_bytes=[m["rss_bytes"] for m in memory_of(self.pids())])
+
+    def pids(self):
+        return [process.pid for process, _ in self.runner._children or ()]
+
+    def close(self):
+        self.runner.close()
+
+
 # -- one LSTM direction, native against torch (run with --layer-child) -----------------------
 def layer_child(repeats):
     """Median ms of forward + backward of one LSTM direction, native and torch, interleaved."""
@@ -306,6 +335,8 @@ def main():
     try:
         runners.append(EngineRunner(f"native {cores}p", model, cores))
         runners.append(NativeOneThreadRunner("native 1 thread", model))
+        if cores > 1:
+            runners.append(CeilingRunner(f"{cores}p independent", cores, model))
         if not args.native_only:
             runners.append(FitRunner("fit default", 0, rows))
         if have_torch and not args.native_only:
@@ -323,7 +354,8 @@ def main():
             round_load, rates = CpuLoad(), {}
             for runner in rotated(runners, turn):
                 time.sleep(_SETTLE_S)
-                record = runner.epoch(data if isinstance(runner, EngineRunner) else rows)
+                record = runner.epoch(rows if isinstance(runner, (FitRunner, TorchRunner))
+                                      else data)
                 record["memory"] = memory_of(runner.pids())
                 start_s = getattr(getattr(runner, "processor", None), "worker_start_s", None)
                 if start_s is not None:
@@ -384,7 +416,10 @@ def _summarize(runners, cores, lstm):
                 native_vs_torch_ddp=native / ddp,
                 efficiency=native / (cores * rate["native 1 thread"]),
                 native_1_thread_vs_torch_1_thread=rate["native 1 thread"] /
-                rate.get("torch 1 thread", float("nan")))
+                rate.get("torch 1 thread", float("nan")),
+                host_ceiling=rate.get(f"{cores}p independent", float("nan")) /
+                (cores * rate["native 1 thread"]),
+                share_of_host_ceiling=native / rate.get(f"{cores}p independent", float("nan")))
 
 
 def _per_round_medians(history, cores):
@@ -398,7 +433,8 @@ def _per_round_medians(history, cores):
     medians = {}
     for key, over, factor in (("native_vs_fit", "fit default", 1),
                               ("native_vs_torch_ddp", f"torch DDP {cores}x1", 1),
-                              ("efficiency", "native 1 thread", cores)):
+                              ("efficiency", "native 1 thread", cores),
+                              ("share_of_host_ceiling", f"{cores}p independent", 1)):
         values = [ratio(r["steady_samples_per_s"], native, over, factor) for r in history]
         medians[key] = float(np.median(values)) if values else float("nan")
     return medians
@@ -429,6 +465,18 @@ def _print_summary(summary, cores):
     print(f"  per-round ratios, median over rounds: native vs fit {rounds['native_vs_fit']:.2f}, "
           f"vs torch DDP {rounds['native_vs_torch_ddp']:.2f}, efficiency "
           f"{rounds['efficiency']:.2f}")
+    epochs = native["epochs"]
+    steps = sum(e["steps"] - SKIP_STEPS for e in epochs)
+    per_step = {key: sum(e[key] for e in epochs) / steps * 1e3 for key in (
+        "mean_worker_compute_s", "compute_s", "wait_s", "sync_s")}
+    print(f"  native {cores}p per step: a worker's compute {per_step['mean_worker_compute_s']:.1f}"
+          f" ms on average, the slowest worker's {per_step['compute_s']:.1f} ms, then wait "
+          f"{per_step['wait_s']:.1f} ms and sync {per_step['sync_s']:.1f} ms")
+    if summary["host_ceiling"] == summary["host_ceiling"]:  # not nan: the ceiling ran
+        print(f"  host ceiling for the efficiency ({cores}p independent, nothing exchanged): "
+              f"{summary['host_ceiling']:.2f}; the engine keeps "
+              f"{summary['share_of_host_ceiling']:.0%} of it (per-round median "
+              f"{rounds['share_of_host_ceiling']:.0%})")
     starts = ", ".join(f"{label} {seconds:.2f} s" for label, seconds in
                        summary["worker_start_s"].items())
     print(f"  worker pool start (launch to every worker ready): {starts}\n")

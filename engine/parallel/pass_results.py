@@ -22,7 +22,9 @@ def collect_results(records, learning_rates, kind, sync, began, ended):
     counts = records[:, :, ws.R_COUNT]
     examples = counts.sum(axis=1)
     loss = (counts * records[:, :, ws.R_LOSS]).sum(axis=1) / np.maximum(examples, 1)
-    compute_s = records[:, :, ws.R_COMPUTE_S].max(axis=1)
+    # The step waits for its slowest worker; each worker's own compute shows the imbalance.
+    worker_compute_s = records[:, :, ws.R_COMPUTE_S].copy()
+    compute_s = worker_compute_s.max(axis=1)
     started = records[:, 0, ws.R_STARTED]
     if kind == ws.TRAIN and sync == "gradients":
         computed, finished = records[:, 0, ws.R_COMPUTED], records[:, 0, ws.R_ENDED]
@@ -39,6 +41,7 @@ def collect_results(records, learning_rates, kind, sync, began, ended):
     results = dict(loss=loss, examples=examples.astype(np.int64), compute_s=compute_s,
                    sync_s=sync_s, wait_s=wait_s, wall_s=wall_s, grad_norm=grad_norm,
                    learning_rate=np.array(learning_rates, dtype=np.float64).copy()
-                   if kind == ws.TRAIN else np.full(len(records), np.nan))
+                   if kind == ws.TRAIN else np.full(len(records), np.nan),
+                   worker_compute_s=worker_compute_s)
     results["mean_loss"] = float(np.dot(loss, examples) / max(1, examples.sum()))
     return results

@@ -162,8 +162,9 @@ class ParallelBatchProcessor(ProcessorSetup, ProcessorPass):
                 nothing changes) and optional ``clip_norm`` (global gradient norm).
         Returns:
             ``(final_state, results)``; results holds per-step arrays ``loss``, ``examples``,
-            ``compute_s``, ``sync_s``, ``wait_s``, ``wall_s``, ``grad_norm``, ``learning_rate``;
-            per-worker ``peak_rss_bytes``; ``mean_loss``; ``restarts`` and
+            ``compute_s`` (the slowest worker's), ``sync_s``, ``wait_s``, ``wall_s``,
+            ``grad_norm``, ``learning_rate``; ``worker_compute_s`` (steps x workers: each
+            worker's own compute); per-worker ``peak_rss_bytes``; ``mean_loss``; ``restarts`` and
             ``micro_batch_changes`` (reliability events); ``predictions`` when evaluating.
         Raises:
             ValueError/TypeError for bad input (before any worker starts); NonFiniteLossError;

@@ -69,6 +69,9 @@ def test_results_report_losses_timings_and_peak_memory_of_every_worker(blobs):
     for key in ("loss", "compute_s", "sync_s", "wait_s", "wall_s", "grad_norm"):
         assert results[key].shape == (6,) and np.all(np.isfinite(results[key])), key
     assert np.all(results["compute_s"] > 0) and np.all(results["sync_s"] > 0)
+    # Each worker's own compute; the step's compute_s is the slowest of them.
+    assert results["worker_compute_s"].shape == (6, 2) and np.all(results["worker_compute_s"] > 0)
+    np.testing.assert_array_equal(results["worker_compute_s"].max(axis=1), results["compute_s"])
     assert len(pids) == 2 and results["peak_rss_bytes"].shape == (2,)
     assert np.all(results["peak_rss_bytes"] > 10 << 20)
 
