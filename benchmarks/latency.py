@@ -16,7 +16,7 @@ threadpoolctl, TensorFlow intra/inter-op 1, ``torch.set_num_threads(1)``):
   ``keras tf.function``: the call inside a ``tf.function`` (traced once per shape);
 * ``torch``: ``module(x)`` under ``torch.inference_mode()``.
 They take turns round by round (each round starts with a different one); per round each runs
-``repeats`` single-example calls, timed one by one, then one batch of ``BATCH`` examples. The
+``repeats`` single-example calls, timed one by one, then one batch of ``batch`` examples (256; 32 with ``--quick``). The
 all-cores batch rate of the Predictor (its worker pool) is measured first, before TensorFlow
 is imported (so its workers start by fork, as in a user's script).
 
@@ -41,12 +41,12 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 from _common import (QUIET_CORES, CpuLoad, QuietWaiter, log, parse_args,  # noqa: E402
                      report_cleanup, rotated, write_results)
 
-BATCH = 256
 # Per round and configuration: up to `repeats` batch-1 calls, fewer past `budget_s` seconds.
 # quiet_budget_s: total wait for other processes to leave the cores alone before rounds.
 FULL = dict(rounds=10, repeats=60, warmup=10, budget_s=3.0, parallel_rows=4096,
-            quiet_budget_s=180.0)
-QUICK = dict(rounds=2, repeats=8, warmup=3, budget_s=0.5, parallel_rows=1024, quiet_budget_s=0.0)
+            quiet_budget_s=180.0, batch=256)
+QUICK = dict(rounds=1, repeats=4, warmup=1, budget_s=0.3, parallel_rows=256, quiet_budget_s=0.0,
+             batch=32)
 TARGET_P99_S = 0.010
 
 
@@ -187,7 +187,7 @@ def configurations(model, state, keras_model, torch_module):
              "engine model.predict": lambda x: model.predict(state, x),
              "keras call": lambda x: np.asarray(keras_model(x, training=False)),
              "keras tf.function": lambda x: np.asarray(compiled(x)),
-             "keras predict": lambda x: keras_model.predict(x, verbose=0, batch_size=BATCH)}
+             "keras predict": lambda x: keras_model.predict(x, verbose=0, batch_size=len(x))}
     if torch_module is not None:
         import torch
 
@@ -218,7 +218,7 @@ def measure(calls, x, plan):
     for label, call in calls.items():  # tracing, page faults, lazy initialisation
         for index in range(plan["warmup"]):
             call(x[index:index + 1])
-        call(x[:BATCH])
+        call(x)
     for turn in range(plan["rounds"]):
         quiet.wait()
         load = CpuLoad()
@@ -233,8 +233,8 @@ def measure(calls, x, plan):
                 if index >= 2 and began - round_began > plan["budget_s"]:
                     break  # a slow configuration (eager Keras) gets fewer samples, not hours
             began = time.perf_counter()
-            call(x[:BATCH])
-            batch[label].append(BATCH / (time.perf_counter() - began))
+            call(x)
+            batch[label].append(len(x) / (time.perf_counter() - began))
         others.append(load.other_cores())
         log(f"round {turn + 1}/{plan['rounds']}: " + "  ".join(
             f"{label} {np.median(one[label][-3:]) * 1e6:,.0f} us" for label in calls)
@@ -274,7 +274,7 @@ def main():
     plan = QUICK if args.quick else FULL
     load = CpuLoad()
     name, model, state = build_native(args.model)
-    x = np.random.default_rng(0).normal(size=(BATCH,) + tuple(model.input_shape)).astype(
+    x = np.random.default_rng(0).normal(size=(plan["batch"],) + tuple(model.input_shape)).astype(
         np.float32)
     log(f"latency: {name} {model!r}, {state.num_params:,} values")
     # First, before TensorFlow is imported: workers then start by fork, as in a user's script.
@@ -303,10 +303,10 @@ def main():
                     vs_keras_against=fastest, p99_target_us=TARGET_P99_S * 1e6)
     path = write_results("latency", args, records, model=name, model_repr=repr(model),
                          num_values=state.num_params, keras_twin=keras_source,
-                         keras_max_abs_difference=keras_difference, batch=BATCH, plan=plan,
+                         keras_max_abs_difference=keras_difference, batch=plan["batch"], plan=plan,
                          all_cores=parallel, headline=headline, rounds=rounds,
                          cleanup=cleanup, cpu_load=cpu)
-    print(f"\n{name}, one thread; batch 1 latency per example and batch-{BATCH} throughput")
+    print(f"\n{name}, one thread; batch 1 latency per example and batch-{len(x)} throughput")
     print(f"  {'configuration':<22} {'p50':>10} {'p90':>10} {'p99':>10} {'batch samples/s':>16}")
     for label, record in records.items():
         one = record["batch_1"]
