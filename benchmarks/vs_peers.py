@@ -19,7 +19,8 @@ turns epoch by epoch (each round starting with a different one):
   processes that never exchange anything (``benchmarks/_independent.py``), each computing its
   shard of every batch and the Adam update of its share of the values. Its rate over cores x
   native 1 thread is what two busy cores and the smaller step leave of Z before any
-  synchronization; native Np over it is the share of that ceiling the engine keeps.
+  synchronization; native Np over it is the share of that ceiling the engine keeps (left out of
+  a ``--quick`` run with the peers; ``--quick --native-only`` runs it).
 
 Rates are steady-state samples/s: examples of the steps after the first ``SKIP_STEPS`` of each
 epoch over the time they took (the engine's per-step ``wall_s``, the peers' step-end timestamps).
@@ -335,7 +336,7 @@ def main():
     try:
         runners.append(EngineRunner(f"native {cores}p", model, cores))
         runners.append(NativeOneThreadRunner("native 1 thread", model))
-        if cores > 1:
+        if cores > 1 and (args.native_only or not args.quick):  # a short smoke run without it
             runners.append(CeilingRunner(f"{cores}p independent", cores, model))
         if not args.native_only:
             runners.append(FitRunner("fit default", 0, rows))

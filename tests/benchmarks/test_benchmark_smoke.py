@@ -52,7 +52,7 @@ def test_benchmark_runs_quick_and_prints_its_headline(run, tmp_path):
     assert document["machine"]["usable_cores"] >= 1
     if name == "scaling" and document["machine"]["usable_cores"] > 1:  # the host's own ceiling
         assert document["headline"]["mlp_host_ceiling"] > 0
-    if name == "vs_peers" and document["machine"]["usable_cores"] > 1:  # the ceiling for Z ran
+    if run == "vs_peers --native-only" and document["machine"]["usable_cores"] > 1:  # Z's ceiling
         assert document["measurements"]["host_ceiling"] > 0
     if name == "host_contention" and document["machine"]["usable_cores"] > 1:  # neighbours ran
         assert all(math.isfinite(ratio) and ratio > 0 for ratio in document["headline"].values())
