@@ -100,6 +100,10 @@ class IndependentRunner:
                     wall_s=compute.tolist(), outside_steps_s=seconds - float(compute.sum()),
                     mean_loss=float("nan"))
 
+    def pids(self):
+        """The processes' ids (none before the first epoch starts them)."""
+        return [process.pid for process, _ in self._children or ()]
+
     def close(self):
         for process, connection in self._children or ():
             try:

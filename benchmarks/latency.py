@@ -16,9 +16,9 @@ threadpoolctl, TensorFlow intra/inter-op 1, ``torch.set_num_threads(1)``):
   ``keras tf.function``: the call inside a ``tf.function`` (traced once per shape);
 * ``torch``: ``module(x)`` under ``torch.inference_mode()``.
 They take turns round by round (each round starts with a different one); per round each runs
-``repeats`` single-example calls, timed one by one, then one batch of ``batch`` examples (256; 32 with ``--quick``). The
-all-cores batch rate of the Predictor (its worker pool) is measured first, before TensorFlow
-is imported (so its workers start by fork, as in a user's script).
+``repeats`` single-example calls, timed one by one, then one batch of ``batch`` examples (256;
+32 with ``--quick``). The all-cores batch rate of the Predictor (its worker pool) is measured
+first, before TensorFlow is imported (so its workers start by fork, as in a user's script).
 
 Headline (last line): ``latency p50_us=X p99_us=Y vs_keras=Z``: the Predictor's p50 and p99 per
 example, and the p50 of the fastest Keras configuration (usually ``keras tf.function``; eager

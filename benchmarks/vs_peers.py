@@ -248,7 +248,7 @@ class CeilingRunner:
                              rss_bytes=[m["rss_bytes"] for m in memory_of(self.pids())])
 
     def pids(self):
-        return [process.pid for process, _ in self.runner._children or ()]
+        return self.runner.pids()
 
     def close(self):
         self.runner.close()
@@ -473,7 +473,7 @@ def _print_summary(summary, cores):
     print(f"  native {cores}p per step: a worker's compute {per_step['mean_worker_compute_s']:.1f}"
           f" ms on average, the slowest worker's {per_step['compute_s']:.1f} ms, then wait "
           f"{per_step['wait_s']:.1f} ms and sync {per_step['sync_s']:.1f} ms")
-    if summary["host_ceiling"] == summary["host_ceiling"]:  # not nan: the ceiling ran
+    if not np.isnan(summary["host_ceiling"]):  # the ceiling ran
         print(f"  host ceiling for the efficiency ({cores}p independent, nothing exchanged): "
               f"{summary['host_ceiling']:.2f}; the engine keeps "
               f"{summary['share_of_host_ceiling']:.0%} of it (per-round median "
