@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import sys
+import textwrap
 import warnings
 
 from engine.cli.config import DEFAULTS, parse_model_args, parse_phases
@@ -268,6 +269,12 @@ def _info(args):
     print(f"tensorflow    {info['tensorflow'] or 'not installed'}")
     for package in ("numpy", "scikit-learn", "h5py", "matplotlib", "tensorboard"):
         print(f"{package:<13} {versions[package] or 'not installed'}")
+    for pool in info["blas"]:
+        print(f"blas          {pool['library']} {pool['version']}, {pool['architecture']} kernels, "
+              f"{pool['threads']} threads")
+    if info["blas_hint"]:
+        print(textwrap.fill(info["blas_hint"], width=100, initial_indent=" " * 14 + "note: ",
+                            subsequent_indent=" " * 20))
     gpus = info["gpus"]
     print(f"gpus          {', '.join(gpus) if gpus else 'none seen by nvidia-smi'}")
     if info["tensorflow"]:

@@ -1,5 +1,5 @@
-"""What the ``info`` command reports: cores, memory, library versions and the GPUs seen, without
-importing TensorFlow in this process.
+"""What the ``info`` command reports: cores, memory, library versions, the BLAS kernels and the
+GPUs seen, without importing TensorFlow in this process.
 """
 import json
 import os
@@ -10,7 +10,11 @@ import sys
 
 from engine.parallel.system import available_memory_bytes, usable_cores
 
-__all__ = ["system_info"]
+__all__ = ["system_info", "blas_kernel_hint"]
+
+# OpenBLAS kernel families that use AVX-512 (threadpoolctl's "architecture", lower case).
+_AVX512_KERNELS = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
+_AVX512_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
 
 
 def system_info(*, probe_tensorflow=True):
@@ -30,7 +34,10 @@ def system_info(*, probe_tensorflow=True):
             "memory_total_bytes": _total_memory(),
             "memory_available_bytes": available_memory_bytes(),
             "versions": versions, "tensorflow": tensorflow, "gpus": _nvidia_gpus(),
-            "tensorflow_gpus": None}
+            "tensorflow_gpus": None, "blas": _blas_pools()}
+    info["blas_hint"] = blas_kernel_hint(
+        [pool["architecture"] for pool in info["blas"]], os.environ.get("OPENBLAS_CORETYPE"),
+        _cpu_flags())
     try:
         import numba
         info["numba_threads"] = numba.config.NUMBA_NUM_THREADS
@@ -39,6 +46,43 @@ def system_info(*, probe_tensorflow=True):
     if tensorflow and probe_tensorflow:
         info["tensorflow_gpus"] = _tensorflow_gpus()
     return info
+
+
+def blas_kernel_hint(architectures, forced_core_type, cpu_flags):
+    """A sentence when ``OPENBLAS_CORETYPE`` holds OpenBLAS to kernels older than the CPU's
+    AVX-512 (None otherwise): on a Zen 5 host its SkylakeX kernels ran this engine's GEMMs 1.85x
+    faster than the Haswell ones the variable forced (docs/performance.md)."""
+    if not forced_core_type or not all(flag in cpu_flags for flag in _AVX512_FLAGS):
+        return None
+    slower = [name for name in architectures if name and name.lower() not in _AVX512_KERNELS]
+    if not slower:
+        return None
+    return (f"OPENBLAS_CORETYPE={forced_core_type} holds OpenBLAS to its {slower[0]} kernels, but "
+            "this CPU has AVX-512, whose kernels (SkylakeX) run float32 matrix products up to "
+            "about 2x faster. Unless your OpenBLAS is known to fail on this CPU, start Python "
+            "without OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE (env -u OPENBLAS_CORETYPE -u "
+            "OPENBLAS_L2_SIZE ...) and check the kernels again with this command.")
+
+
+def _blas_pools():
+    """The BLAS libraries numpy loaded (engine imports numpy): library, version, kernels,
+    threads (threadpoolctl)."""
+    from threadpoolctl import threadpool_info
+    return [{"library": pool.get("internal_api"), "version": pool.get("version"),
+             "architecture": pool.get("architecture"), "threads": pool.get("num_threads")}
+            for pool in threadpool_info() if pool.get("user_api") == "blas"]
+
+
+def _cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def _total_memory():
