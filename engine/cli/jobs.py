@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ from engine.cli.config import (build_callbacks, build_loss, build_model, build_p
 from engine.training.datasets import (DataError, Dataset, Standardizer, Subset, check_every_class,
                              check_features, check_labels, load_dataset, stratified_split)
 from engine.cli.reports import write_report
+from engine.cli.system_report import blas_kernel_warning
 from engine.parallel.system import usable_cores
 from engine.training.run_folder import check_run_folder, hold_run_folder, run_folder_of
 from engine.training.trainer import Trainer, evaluate
@@ -162,10 +164,21 @@ def run_train(config, *, out=None):
     folder = dict(resuming=bool(config["resume"]), overwrite=config.get("overwrite", False))
     check_run_folder(output_dir, **folder)  # a busy or occupied folder fails before data is read
     trainer, data, model, model_args = _build(config, output_dir, cluster)
+    _warn_if_blas_is_held_back(config["model"])
     if config.get("export_keras"):
         _check_keras_export(model, config["model"])
     with hold_run_folder(output_dir, **folder):
         return _train_in(output_dir, config, data, model, model_args, trainer, out)
+
+
+def _warn_if_blas_is_held_back(model_name):
+    """A native model's speed is numpy's BLAS: say so once when OPENBLAS_CORETYPE holds it below
+    the CPU (a Keras model runs TensorFlow's oneDNN, which the variable does not touch)."""
+    if str(model_name).startswith("keras:"):
+        return
+    message = blas_kernel_warning()
+    if message:
+        warnings.warn(message, stacklevel=2)
 
 
 def _check_keras_export(model, name):

@@ -10,7 +10,7 @@ import sys
 
 from engine.parallel.system import available_memory_bytes, usable_cores
 
-__all__ = ["system_info", "blas_kernel_hint"]
+__all__ = ["system_info", "blas_kernel_hint", "blas_kernel_warning"]
 
 # OpenBLAS kernel families that use AVX-512 (threadpoolctl's "architecture", lower case).
 _AVX512_KERNELS = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
@@ -62,6 +62,17 @@ def blas_kernel_hint(architectures, forced_core_type, cpu_flags):
             "about 2x faster. Unless your OpenBLAS is known to fail on this CPU, start Python "
             "without OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE (env -u OPENBLAS_CORETYPE -u "
             "OPENBLAS_L2_SIZE ...) and check the kernels again with this command.")
+
+
+def blas_kernel_warning():
+    """One line for ``train`` when ``OPENBLAS_CORETYPE`` holds numpy's BLAS below the CPU's
+    AVX-512 (None otherwise): the native models' matrix products run at up to half speed."""
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    architectures = [pool["architecture"] for pool in _blas_pools()]
+    if blas_kernel_hint(architectures, forced, _cpu_flags()) is None:
+        return None
+    return (f"OPENBLAS_CORETYPE={forced} holds OpenBLAS to older kernels than this CPU's AVX-512: "
+            "native models train up to about 2x slower ('python -m engine info' says more).")
 
 
 def _blas_pools():

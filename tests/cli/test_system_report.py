@@ -2,6 +2,8 @@
 environment variable holds OpenBLAS below the CPU's AVX-512."""
 import json
 
+import numpy as np
+
 from engine.cli.main import main
 from engine.cli.system_report import blas_kernel_hint
 
@@ -30,3 +32,23 @@ def test_info_names_the_blas_kernels_numpy_runs(capsys):
     assert main(["info", "--no-tensorflow"]) == 0
     text = capsys.readouterr().out
     assert f"{expected[0]} kernels" in text
+
+
+def test_train_warns_once_when_the_core_type_holds_blas_below_avx512(monkeypatch, tmp_path, capsys):
+    import engine.cli.system_report as report
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.setattr(report, "_cpu_flags", lambda: AVX512)
+    monkeypatch.setattr(report, "_blas_pools", lambda: [{"architecture": "Haswell"}])
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    np.save(folder / "features.npy", rng.standard_normal((40, 4)).astype(np.float32))
+    np.save(folder / "labels.npy", np.arange(40) % 2)
+    argv = ["train", "--data", str(folder), "--model", "softmax_regression", "--epochs", "1",
+            "--workers", "1", "--no-progress", "--output-dir", str(tmp_path / "run")]
+    assert main(argv) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "OPENBLAS_CORETYPE" in line]
+    assert len(lines) == 1 and lines[0].startswith("engine train: warning: OPENBLAS_CORETYPE=")
+    monkeypatch.setattr(report, "_blas_pools", lambda: [{"architecture": "SkylakeX"}])
+    assert main(argv + ["--overwrite"]) == 0
+    assert "OPENBLAS_CORETYPE" not in capsys.readouterr().err
