@@ -206,9 +206,11 @@ def machine_facts():
     blas = [{key: info.get(key) for key in ("internal_api", "version", "num_threads",
                                             "architecture", "threading_layer")}
             for info in threadpoolctl.threadpool_info()]
+    from engine.cli.system_report import blas_kernel_warning
     now = datetime.datetime.now(datetime.timezone.utc)
     return dict(usable_cores=usable_cores(), cpu_count=os.cpu_count(), cpu_model=_cpu_model(),
                 memory_bytes=psutil.virtual_memory().total, blas=blas,
+                blas_held_back=blas_kernel_warning(),  # None, or why the GEMMs run slow here
                 python=platform.python_version(), numpy=np.__version__, numba=numba.__version__,
                 threadpoolctl=threadpoolctl.__version__, platform=platform.platform(),
                 git_commit=_git_commit(),
@@ -221,7 +223,10 @@ def write_results(name, args, measurements, **extra):
     """Write ``{benchmark, quick, machine, **extra, measurements}`` as JSON; returns the path."""
     path = args.out or os.path.join(RESULTS_DIRECTORY, f"{name}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    document = dict(benchmark=name, quick=bool(args.quick), machine=machine_facts(), **extra,
+    machine = machine_facts()
+    if machine["blas_held_back"]:  # the native figures are those of the older kernels
+        log(f"note: {machine['blas_held_back']} This run's native figures are those of the older kernels.")
+    document = dict(benchmark=name, quick=bool(args.quick), machine=machine, **extra,
                     measurements=measurements)
     temporary = f"{path}.tmp-{os.getpid()}"
     with open(temporary, "w") as f:
