@@ -225,7 +225,8 @@ def write_results(name, args, measurements, **extra):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     machine = machine_facts()
     if machine["blas_held_back"]:  # the native figures are those of the older kernels
-        log(f"note: {machine['blas_held_back']} This run's native figures are those of the older kernels.")
+        log(f"note: {machine['blas_held_back']} This run's native figures are those of the "
+            "older kernels.")
     document = dict(benchmark=name, quick=bool(args.quick), machine=machine, **extra,
                     measurements=measurements)
     temporary = f"{path}.tmp-{os.getpid()}"
