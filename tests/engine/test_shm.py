@@ -133,7 +133,10 @@ def test_training_on_a_small_dev_shm_exits_with_the_fixes_instead_of_a_bus_error
     lines = child.stdout.splitlines()
     assert lines[-3:] == ["exit=1", "0", "0"], (child.stdout, child.stderr)
     assert "shared memory is too small" in child.stderr and "--shm-size=" in child.stderr
-    assert "--shm-dir" in child.stderr and child.stderr.count("\n") == 1
+    # One line of error (a host's own warnings, such as held-back BLAS kernels, aside).
+    errors = [line for line in child.stderr.splitlines()
+              if not line.startswith("engine train: warning:")]
+    assert len(errors) == 1 and "--shm-dir" in errors[0], child.stderr
     # The second fix the message names: blocks in a directory on a larger file system.
     child = _in_small_shm(train.replace("--no-progress", f"--no-progress --shm-dir "
                                         f"{tmp_path / 'shm'} --overwrite"))
