@@ -203,10 +203,10 @@ def machine_facts():
     import threadpoolctl
 
     from engine import usable_cores
+    from engine.cli.system_report import blas_kernel_warning
     blas = [{key: info.get(key) for key in ("internal_api", "version", "num_threads",
                                             "architecture", "threading_layer")}
             for info in threadpoolctl.threadpool_info()]
-    from engine.cli.system_report import blas_kernel_warning
     now = datetime.datetime.now(datetime.timezone.utc)
     return dict(usable_cores=usable_cores(), cpu_count=os.cpu_count(), cpu_model=_cpu_model(),
                 memory_bytes=psutil.virtual_memory().total, blas=blas,

@@ -270,7 +270,8 @@ def _info(args):
     for package in ("numpy", "scikit-learn", "h5py", "matplotlib", "tensorboard"):
         print(f"{package:<13} {versions[package] or 'not installed'}")
     for pool in info["blas"]:
-        print(f"blas          {pool['library']} {pool['version']}, {pool['architecture'] or 'unnamed'} kernels, "
+        kernels = pool["architecture"] or "unnamed"
+        print(f"blas          {pool['library']} {pool['version']}, {kernels} kernels, "
               f"{pool['threads']} threads")
     if info["blas_hint"]:
         print(textwrap.fill(info["blas_hint"], width=100, initial_indent=" " * 14 + "note: ",
