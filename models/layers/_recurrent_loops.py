@@ -28,12 +28,43 @@ _LOOP = dict(cache=True, nogil=True, error_model="numpy")
 
 
 @njit(**_LOOP)
-def _step_times_matrix_into(gemm, out, rows, t, matrix):
-    """out (n, m) = rows[t] (n, k; rows is (T, n, k), C order) @ matrix (k, m), C order."""
+def _step_times_matrix_into(gemm, out, rows, t, matrix, block):
+    """out (n, m) = rows[t] (n, k; rows is (T, n, k), C order) @ matrix (k, m), C order.
+
+    With ``block`` > 0 (``models.layers._blas.step_product_block``), in blocks of that width
+    along the longer of k and m: column blocks of out, or partial sums over k added into out.
+    """
     steps, n, k = rows.shape
     m = matrix.shape[1]
-    gemm(ROW_MAJOR, NO_TRANSPOSE, NO_TRANSPOSE, n, m, k, 1.0, rows.reshape(-1)[t * n * k:].ctypes,
-         k, matrix.ctypes, m, 0.0, out.ctypes, m)
+    step = rows.reshape(-1)[t * n * k:]
+    flat_matrix, flat_out = matrix.reshape(-1), out.reshape(-1)
+    if block <= 0:
+        gemm(ROW_MAJOR, NO_TRANSPOSE, NO_TRANSPOSE, n, m, k, 1.0, step.ctypes, k,
+             matrix.ctypes, m, 0.0, out.ctypes, m)
+    elif m >= k:
+        for start in range(0, m, block):
+            gemm(ROW_MAJOR, NO_TRANSPOSE, NO_TRANSPOSE, n, min(block, m - start), k, 1.0,
+                 step.ctypes, k, flat_matrix[start:].ctypes, m, 0.0, flat_out[start:].ctypes, m)
+    else:
+        for start in range(0, k, block):
+            gemm(ROW_MAJOR, NO_TRANSPOSE, NO_TRANSPOSE, n, m, min(block, k - start), 1.0,
+                 step[start:].ctypes, k, flat_matrix[start * m:].ctypes, m,
+                 0.0 if start == 0 else 1.0, out.ctypes, m)
+
+
+def step_times_matrix_into(out, a, matrix, block):
+    """The Python loops' twin of ``_step_times_matrix_into``: out = a @ matrix with numpy, in
+    the same blocks and order, so both give the same bits (each block is one BLAS call)."""
+    inner, columns = matrix.shape
+    if block <= 0:
+        np.matmul(a, matrix, out=out)
+    elif columns >= inner:
+        for start in range(0, columns, block):
+            np.matmul(a, matrix[:, start:start + block], out=out[:, start:start + block])
+    else:
+        np.matmul(a[:, :block], matrix[:block], out=out)
+        for start in range(block, inner, block):
+            out += a[:, start:start + block] @ matrix[start:start + block]
 
 
 @njit(**_LOOP)
@@ -49,7 +80,7 @@ def _output_step(t, k, steps, return_sequences, backward):
 
 @njit(**_LOOP)
 def lstm_forward(gemm, gate_i, gate_f, gate_c, gate_o, cells, tanh_cells, outputs, states,
-                 projections, recurrent_kernel, bias, order, return_sequences, direction):
+                 projections, recurrent_kernel, bias, order, return_sequences, direction, block):
     """Run an LSTM over ``order``; arrays as ``lstm_step_into`` (cells[T] must be zero)."""
     steps, n, units = states.shape
     recurrent = np.zeros((n, 4 * units), states.dtype)
@@ -60,7 +91,7 @@ def lstm_forward(gemm, gate_i, gate_f, gate_c, gate_o, cells, tanh_cells, output
     for k in range(steps):
         t = order[k]
         if k:  # the first step starts from h = 0: no recurrent product
-            _step_times_matrix_into(gemm, recurrent, states, t, recurrent_kernel)
+            _step_times_matrix_into(gemm, recurrent, states, t, recurrent_kernel, block)
         t_next = order[k + 1] if k + 1 < steps else -1
         lstm_step_into(gate_i, gate_f, gate_c, gate_o, cells, tanh_cells, carry, outputs, states,
                        projections, recurrent, bias, t, t_next,
@@ -69,7 +100,7 @@ def lstm_forward(gemm, gate_i, gate_f, gate_c, gate_o, cells, tanh_cells, output
 
 @njit(**_LOOP)
 def lstm_backward(gemm, dgates, dbias, doutputs, gate_i, gate_f, gate_c, gate_o, cells,
-                  tanh_cells, recurrent_transposed, order, return_sequences, direction):
+                  tanh_cells, recurrent_transposed, order, return_sequences, direction, block):
     """Backward through an LSTM sequence, newest step first: fills dgates (T, n, 4 units) and adds
     to dbias (4, units). ``recurrent_transposed`` is U.T in C order."""
     steps, n, width = dgates.shape
@@ -82,12 +113,12 @@ def lstm_backward(gemm, dgates, dbias, doutputs, gate_i, gate_f, gate_c, gate_o,
                             gate_o, cells, tanh_cells, t, order[k - 1] if k else steps,
                             _output_step(t, k, steps, return_sequences, True), direction)
         if k:
-            _step_times_matrix_into(gemm, dstates, dgates, t, recurrent_transposed)
+            _step_times_matrix_into(gemm, dstates, dgates, t, recurrent_transposed, block)
 
 
 @njit(**_LOOP)
 def gru_forward(gemm, gate_z, gate_r, gate_c, hidden_part, outputs, states, projections,
-                recurrent_kernel, bias, order, return_sequences, direction):
+                recurrent_kernel, bias, order, return_sequences, direction, block):
     """Run a GRU over ``order``; arrays as ``gru_step_into``."""
     steps, n, units = states.shape
     recurrent = np.zeros((n, 3 * units), states.dtype)
@@ -97,7 +128,7 @@ def gru_forward(gemm, gate_z, gate_r, gate_c, hidden_part, outputs, states, proj
     for k in range(steps):
         t = order[k]
         if k:
-            _step_times_matrix_into(gemm, recurrent, states, t, recurrent_kernel)
+            _step_times_matrix_into(gemm, recurrent, states, t, recurrent_kernel, block)
         t_next = order[k + 1] if k + 1 < steps else -1
         gru_step_into(gate_z, gate_r, gate_c, hidden_part, outputs, states, projections,
                       recurrent, bias, t, t_next,
@@ -107,7 +138,7 @@ def gru_forward(gemm, gate_z, gate_r, gate_c, hidden_part, outputs, states, proj
 @njit(**_LOOP)
 def gru_backward(gemm, dinputs, drecurrent, dinput_bias, drecurrent_bias, doutputs, gate_z,
                  gate_r, gate_c, hidden_part, states, recurrent_transposed, order,
-                 return_sequences, direction):
+                 return_sequences, direction, block):
     """Backward through a GRU sequence: fills dinputs and drecurrent (T, n, 3 units) and adds to
     the bias gradients (3, units each)."""
     steps, n, width = dinputs.shape
@@ -120,4 +151,4 @@ def gru_backward(gemm, dinputs, drecurrent, dinput_bias, drecurrent_bias, doutpu
                            doutputs, dstates, gate_z, gate_r, gate_c, hidden_part, states, t,
                            _output_step(t, k, steps, return_sequences, True), direction)
         if k:
-            _step_times_matrix_into(gemm, dstates, drecurrent, t, recurrent_transposed)
+            _step_times_matrix_into(gemm, dstates, drecurrent, t, recurrent_transposed, block)

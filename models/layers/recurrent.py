@@ -1,18 +1,18 @@
 """LSTM, GRU and Bidirectional on (n, timesteps, features) inputs, with Keras's maths and names.
 
 Built the way oneDNN builds its RNN primitive: one GEMM projects the inputs of all timesteps at
-once, one BLAS GEMM per timestep does the recurrence (h_{t-1} @ recurrent_kernel), and one numba
-kernel per timestep does everything element-wise (bias add, gates, cell update, output writes;
-``models.layers._recurrent_kernels``). The backward pass mirrors it: one kernel and one GEMM per
-timestep, then one GEMM each for the kernel, recurrent kernel and input gradients over all
+once, one BLAS GEMM per timestep does the recurrence (h_{t-1} @ recurrent_kernel; a few, in blocks,
+where OpenBLAS's small-matrix kernels run those faster: ``_blas.step_product_block``), and one
+numba kernel per timestep does everything element-wise (bias add, gates, cell update, output
+writes; ``models.layers._recurrent_kernels``). The backward pass mirrors it: one kernel and one
+GEMM per timestep, then one GEMM each for the kernel, recurrent kernel and input gradients over all
 timesteps (the bias gradient is summed inside the kernels). With numpy's own BLAS recognised
 (``models.layers._blas``), each time loop runs compiled, in one call
 (``models.layers._recurrent_loops``), with bitwise the same results; otherwise the Python loops
 below run it. Inside a layer everything is time-major, (timesteps, n, ...), so each step reads and
 writes contiguous blocks (as oneDNN's ``tnc`` layout): the input is transposed once on the way in
 (once for both directions of a Bidirectional) and the input gradient once on the way out; the
-outputs are written batch-major, as the next layer reads them. The maths runs in the input's
-dtype.
+outputs are written batch-major, as the next layer reads them. The maths runs in the input's dtype.
 
 ``Bidirectional`` runs a time-reversed copy of its layer; both directions write straight into
 their half of one output buffer (Keras's ``merge_mode="concat"``).
@@ -23,7 +23,8 @@ import numpy as np
 
 from models.layers import _recurrent_kernels as kernels
 from models.layers import _recurrent_loops as loops
-from models.layers._blas import numpy_gemm
+from models.layers._blas import numpy_gemm, step_product_block
+from models.layers._recurrent_loops import step_times_matrix_into
 from models.layers.base import Layer, check_positive_int
 
 __all__ = ["LSTM", "GRU", "Bidirectional"]
@@ -178,12 +179,13 @@ class LSTM(_Recurrent):
         tanh_cells = np.empty((steps, n, units), dtype)
         states = np.empty((steps, n, units), dtype)  # states[t]: the h that step t starts from
         cache = dict(x=x_steps, states=states, gates=gates, cells=cells, tanh_cells=tanh_cells)
+        block = step_product_block(n, units, 4 * units)
         gemm = _compiled_loop(dtype)
         if gemm is not None:
             loops.lstm_forward(gemm, *gates, cells, tanh_cells, outputs, states, projections,
                                np.ascontiguousarray(recurrent_kernel, dtype),
                                bias.astype(dtype, copy=False), _step_order(steps, self._reverse),
-                               self.return_sequences, direction)
+                               self.return_sequences, direction, block)
             return cache
         recurrent = np.zeros((n, 4 * units), dtype)
         carry = np.zeros((n, units), dtype)
@@ -191,7 +193,7 @@ class LSTM(_Recurrent):
         states[order[0]] = 0
         for k, t in enumerate(order):
             if k:  # the first step starts from h = 0: no recurrent product
-                np.matmul(states[t], recurrent_kernel, out=recurrent)
+                step_times_matrix_into(recurrent, states[t], recurrent_kernel, block)
             t_next = order[k + 1] if k + 1 < steps else -1
             kernels.lstm_step_into(*gates, cells, tanh_cells, carry, outputs, states, projections,
                                    recurrent, bias, t, t_next, self._out_step(t), direction)
@@ -209,12 +211,13 @@ class LSTM(_Recurrent):
         recurrent_transposed = np.ascontiguousarray(weights["recurrent_kernel"].T)
         dgates = np.empty((steps, n, 4 * units), dtype)
         dbias = np.zeros((4, units), dtype)
+        block = step_product_block(n, 4 * units, units)
         gemm = _compiled_loop(dtype)
         if gemm is not None:
             loops.lstm_backward(gemm, dgates, dbias, doutputs, *gates, cache["cells"],
                                 cache["tanh_cells"], recurrent_transposed.astype(dtype, copy=False),
                                 _step_order(steps, self._reverse), self.return_sequences,
-                                direction)
+                                direction, block)
             return _input_and_weight_grads(x_steps, states, dgates, dgates, weights,
                                            dbias.reshape(-1), need_input_grad)
         dcells = np.zeros((n, units), dtype)
@@ -227,7 +230,7 @@ class LSTM(_Recurrent):
                                         cache["cells"], cache["tanh_cells"], t,
                                         order[k - 1] if k else steps, out_t, direction)
             if k:
-                np.matmul(dgates[t], recurrent_transposed, out=dstates)
+                step_times_matrix_into(dstates, dgates[t], recurrent_transposed, block)
         return _input_and_weight_grads(x_steps, states, dgates, dgates, weights,
                                        dbias.reshape(-1), need_input_grad)
 
@@ -268,19 +271,20 @@ class GRU(_Recurrent):
         gates = np.empty((4, steps, n, units), dtype)  # z, r, candidate, recurrent part
         states = np.empty((steps, n, units), dtype)
         cache = dict(x=x_steps, states=states, gates=gates)
+        block = step_product_block(n, units, 3 * units)
         gemm = _compiled_loop(dtype)
         if gemm is not None:
             loops.gru_forward(gemm, *gates, outputs, states, projections,
                               np.ascontiguousarray(recurrent_kernel, dtype),
                               bias.astype(dtype, copy=False), _step_order(steps, self._reverse),
-                              self.return_sequences, direction)
+                              self.return_sequences, direction, block)
             return cache
         recurrent = np.zeros((n, 3 * units), dtype)
         order = _step_order(steps, self._reverse).tolist()
         states[order[0]] = 0
         for k, t in enumerate(order):
             if k:
-                np.matmul(states[t], recurrent_kernel, out=recurrent)
+                step_times_matrix_into(recurrent, states[t], recurrent_kernel, block)
             t_next = order[k + 1] if k + 1 < steps else -1
             kernels.gru_step_into(*gates, outputs, states, projections, recurrent, bias, t, t_next,
                                   self._out_step(t), direction)
@@ -296,12 +300,13 @@ class GRU(_Recurrent):
         drecurrent = np.empty((steps, n, 3 * units), dtype)
         dbias = np.zeros((2, 3 * units), dtype)
         dinput_bias, drecurrent_bias = dbias[0].reshape(3, units), dbias[1].reshape(3, units)
+        block = step_product_block(n, 3 * units, units)
         gemm = _compiled_loop(dtype)
         if gemm is not None:
             loops.gru_backward(gemm, dinputs, drecurrent, dinput_bias, drecurrent_bias, doutputs,
                                *gates, states, recurrent_transposed.astype(dtype, copy=False),
                                _step_order(steps, self._reverse), self.return_sequences,
-                               direction)
+                               direction, block)
             return _input_and_weight_grads(x_steps, states, dinputs, drecurrent, weights, dbias,
                                            need_input_grad)
         dprevious = np.zeros((n, units), dtype)
@@ -314,7 +319,7 @@ class GRU(_Recurrent):
                                        dprevious, doutputs, dstates, *gates, states, t, out_t,
                                        direction)
             if k:
-                np.matmul(drecurrent[t], recurrent_transposed, out=dstates)
+                step_times_matrix_into(dstates, drecurrent[t], recurrent_transposed, block)
         return _input_and_weight_grads(x_steps, states, dinputs, drecurrent, weights, dbias,
                                        need_input_grad)
 
