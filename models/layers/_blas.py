@@ -1,7 +1,7 @@
 """The matrix product numpy itself uses, as a ctypes function numba kernels can call.
 
 The recurrent layers' compiled time loops (``models.layers._recurrent_loops``) call BLAS once per
-timestep, on row blocks of the (n, timesteps, width) buffers (``lda`` = timesteps x width, so no
+timestep, on the step's block of the time-major (timesteps, n, width) buffers in place (no
 copy). They must call the *same* BLAS as numpy, so that the compiled loops give bitwise the results
 of the Python loops and obey the worker's thread limit. Only one configuration is used, the one
 numpy's own wheels ship: scipy-openblas built with 64-bit integers, whose CBLAS symbols are
@@ -63,6 +63,18 @@ def numpy_gemm():
 
 def _numpy_openblas64():
     """numpy's scipy-openblas library, if numpy was built with its ILP64 (64-bit int) build."""
+    info = _numpy_openblas64_info()
+    if info is None:
+        return None
+    try:
+        return ctypes.CDLL(info["filepath"])
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _numpy_openblas64_info():
+    """threadpoolctl's record of numpy's own ILP64 scipy-openblas (path, kernel family), or None."""
     try:
         blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
     except Exception:  # numpy < 2 or an unusual build: no reliable facts, no fast path
@@ -76,38 +88,53 @@ def _numpy_openblas64():
         path = info.get("filepath") or ""
         if info.get("internal_api") == "openblas" and path.startswith(package) and \
                 "openblas64" in os.path.basename(path):
-            try:
-                return ctypes.CDLL(path)
-            except OSError:
-                return None
+            return info
     return None
 
 
-def step_product_block(rows, inner, columns):
+def step_product_block(rows, inner, columns, dtype):
     """The block width for a time loop's (rows, inner) @ (inner, columns) product, or 0: one call.
 
     Blocks split the longer of ``inner`` and ``columns`` (the LSTM forward's 4 units columns,
-    the backward's 4 units inner axis), only where the product is past the small-matrix bound
-    and each block is within it, and only on numpy's OpenBLAS with small-matrix kernels. The
-    choice depends on the shapes and the BLAS alone, never on timings, so every worker and
-    every run computes the same bits.
+    the backward's 4 units inner axis) into equal parts of at most ``STEP_BLOCK``, only where
+    the product is past the small-matrix bound and each block is within it, in float32 or
+    float64, with numpy's OpenBLAS on small-matrix kernels and one thread (a single product
+    that size would use every BLAS thread; a block runs on one). The choice depends on the
+    shapes, the kernel family and the thread limit, never on a timing: every worker with the
+    same shard shape on the same host, and every run there, computes the same bits.
     """
+    if np.dtype(dtype).type not in (np.float32, np.float64):
+        return 0
     if rows > _MOST_BLOCKED_ROWS or rows * inner * columns <= SMALL_MATRIX_BOUND:
         return 0
     if rows * STEP_BLOCK * min(inner, columns) > SMALL_MATRIX_BOUND:
         return 0
-    return STEP_BLOCK if small_matrix_kernels() else 0
+    longer = max(inner, columns)
+    width = -(-longer // -(-longer // STEP_BLOCK))  # equal blocks: no 1-wide one at the end
+    if not small_matrix_kernels() or _blas_threads() != 1:
+        return 0
+    return width
 
 
 @functools.lru_cache(maxsize=None)
 def small_matrix_kernels():
     """True if numpy's OpenBLAS (the build ``numpy_gemm`` calls) runs AVX-512 small-matrix
-    kernels: its kernel family, which ``OPENBLAS_CORETYPE`` can hold lower, is one of them."""
-    if numpy_gemm() is None:
-        return False
-    from threadpoolctl import threadpool_info
-    package = os.path.dirname(os.path.abspath(np.__file__))
-    return any(info.get("internal_api") == "openblas" and
-               (info.get("filepath") or "").startswith(package) and
-               str(info.get("architecture") or "").lower() in _SMALL_MATRIX_KERNELS
-               for info in threadpool_info())
+    kernels: its kernel family, which ``OPENBLAS_CORETYPE`` can hold lower, is one of them.
+    The family is fixed when OpenBLAS loads, so the answer is kept."""
+    info = _numpy_openblas64_info()
+    return info is not None and numpy_gemm() is not None and \
+        str(info.get("architecture") or "").lower() in _SMALL_MATRIX_KERNELS
+
+
+def _blas_threads():
+    """The thread limit numpy's OpenBLAS runs with now (a worker's ``limit_threads`` sets it)."""
+    return _get_num_threads()()
+
+
+@functools.lru_cache(maxsize=None)
+def _get_num_threads():
+    function = getattr(_numpy_openblas64(), "scipy_openblas_get_num_threads64_", None)
+    if function is None:  # no way to know: blocks would risk a slower product on many threads
+        return lambda: 0
+    function.restype = ctypes.c_int
+    return function

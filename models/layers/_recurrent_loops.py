@@ -54,7 +54,9 @@ def _step_times_matrix_into(gemm, out, rows, t, matrix, block):
 
 def step_times_matrix_into(out, a, matrix, block):
     """The Python loops' twin of ``_step_times_matrix_into``: out = a @ matrix with numpy, in
-    the same blocks and order, so both give the same bits (each block is one BLAS call)."""
+    the same blocks and order, so both give the same bits: each block is one BLAS gemm, as long
+    as no block is 1 wide (numpy would run that one as a gemv or in its own loop), which
+    ``step_product_block``'s equal blocks never are."""
     inner, columns = matrix.shape
     if block <= 0:
         np.matmul(a, matrix, out=out)
