@@ -3,6 +3,8 @@
 Both splits are contiguous and deterministic, so a step's result depends only on the batch, the
 state and the number of workers, never on timing.
 """
+import math
+
 import numpy as np
 
 # Slices of the state start on 64-byte boundaries (16 float32) so two workers never write the same
@@ -104,7 +106,7 @@ class TrainableMap:
         """The map of a StateLayout with the weights named in ``frozen`` left out."""
         frozen, ranges, offset = set(frozen), [], 0
         for name, shape in layout.weight_shapes:
-            count = int(np.prod(shape))
+            count = int(math.prod(shape))
             if name not in frozen and count:
                 if ranges and ranges[-1][1] == offset:
                     ranges[-1][1] = offset + count
@@ -144,14 +146,14 @@ class TrainableMap:
         weights, offset, cursor = {}, 0, 0
         trainable = [(a, b) for a, b in self.weight_ranges]
         for name, shape in layout.weight_shapes:
-            count = int(np.prod(shape))
+            count = int(math.prod(shape))
             if any(a <= offset and offset + count <= b for a, b in trainable) and count:
                 weights[name] = compact[cursor:cursor + count].reshape(shape)
                 cursor += count
             offset += count
         theta, cursor = {}, self.num_trainable
         for name, shape in layout.theta_shapes:
-            count = int(np.prod(shape))
+            count = int(math.prod(shape))
             theta[name] = compact[cursor:cursor + count].reshape(shape)
             cursor += count
         return weights, theta

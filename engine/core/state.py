@@ -5,7 +5,9 @@ every theta entry. ``weights`` and ``theta`` are dicts of *views* into that vect
 them as ordinary arrays while the engine copies, averages and ships the state as one block of memory
 (a single memcpy into shared memory, a single kernel call to average).
 """
+import functools
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -30,16 +32,17 @@ class StateLayout:
         return cls(tuple((name, tuple(np.shape(a))) for name, a in weights.items()),
                    tuple((name, tuple(np.shape(a))) for name, a in theta.items()))
 
-    @property
+    # Counted once per layout (the fields are frozen): the owner asks on every call.
+    @functools.cached_property
     def num_weights(self):
         """Number of trainable float32 values (the length of a gradient)."""
-        return sum(int(np.prod(shape)) for _, shape in self.weight_shapes)
+        return sum(int(math.prod(shape)) for _, shape in self.weight_shapes)
 
-    @property
+    @functools.cached_property
     def num_theta(self):
-        return sum(int(np.prod(shape)) for _, shape in self.theta_shapes)
+        return sum(int(math.prod(shape)) for _, shape in self.theta_shapes)
 
-    @property
+    @functools.cached_property
     def size(self):
         return self.num_weights + self.num_theta
 
@@ -48,7 +51,7 @@ class StateLayout:
         weights, theta, offset = {}, {}, 0
         for entries, out in ((self.weight_shapes, weights), (self.theta_shapes, theta)):
             for name, shape in entries:
-                count = int(np.prod(shape))
+                count = int(math.prod(shape))
                 out[name] = buffer[offset:offset + count].reshape(shape)
                 offset += count
         return weights, theta

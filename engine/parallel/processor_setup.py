@@ -31,7 +31,12 @@ class ProcessorSetup:
     """ParallelBatchProcessor's methods that prepare a call (see the module docstring)."""
 
     def _trainable_map(self, layout):
-        return TrainableMap.of(layout, self._frozen_names)
+        """The map for ``layout`` and the frozen set, built once per pair (asked on every call)."""
+        key = (layout, self._frozen_names)
+        cached = getattr(self, "_trainable_map_cache", None)
+        if cached is None or cached[0] != key:
+            cached = self._trainable_map_cache = (key, TrainableMap.of(layout, self._frozen_names))
+        return cached[1]
 
     def _prepare(self, examples, labels, state, reuse):
         """Validate what the call received (data and state once each), start the workers for this
