@@ -25,8 +25,10 @@ def worker_main(worker_id, spec, command_pipe, answer_pipe):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     log = _log_stderr(spec["log_path"])  # stays open while the worker lives (del at the end)
     inherited.forget(spec.get("forget_pages"))  # the caller's arrays: never read here
-    from engine.parallel.system import bind_to_cores, keep_freed_memory, limit_threads
+    from engine.parallel.system import (batch_scheduling, bind_to_cores, keep_freed_memory,
+                                        limit_threads)
     bound = spec.get("cores") is not None and bind_to_cores(spec["cores"])
+    batch_scheduling()
     thread_limit = limit_threads(spec["threads"])  # the limit lasts while it lives (del at the end)
     keep_freed_memory()
     command_fd, answer_fd = command_pipe.fileno(), answer_pipe.fileno()

@@ -1,5 +1,5 @@
 """Workers are bound to disjoint cores when they fit in the owner's affinity, and left to the
-kernel when they do not (or when bind_cores=False)."""
+kernel when they do not (or when bind_cores=False); they run as SCHED_BATCH jobs."""
 import os
 
 import psutil
@@ -40,3 +40,14 @@ def test_unbound_workers_keep_the_owners_affinity(blobs):
     assert all(cores == owner for cores in _affinities(blobs, num_processes=processes,
                                                         bind_cores=False))
     assert all(cores == owner for cores in _affinities(blobs, num_processes=len(owner) + 1))
+
+
+def test_workers_run_as_batch_jobs_and_the_owner_does_not(blobs):
+    # SCHED_BATCH: a worker woken by the owner's pipe write waits for the owner's turn to end
+    # instead of preempting it, so the owner wakes every worker before any starts computing.
+    with ParallelBatchProcessor(MODEL, batch_size=20, num_processes=2) as processor:
+        processor.process_batch(blobs[0][:20], blobs[1][:20], MODEL.init_state(0),
+                                {"learning_rate": 0.1})
+        policies = [os.sched_getscheduler(pid) for pid in processor.worker_pids]
+    assert policies == [os.SCHED_BATCH, os.SCHED_BATCH]
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
