@@ -19,8 +19,14 @@ thread each. So one process is measured twice:
   own ceiling for any data-parallel split (two busy cores against one, and the smaller step), which
   the engine's rate is also given against.
 Every configuration keeps its processor (and worker pool) alive for the whole run; after one
-discarded warm-up epoch each (numba compilation, page faults), they take turns epoch by epoch,
-each round starting with a different one, so a change in memory bandwidth hits all alike.
+discarded warm-up epoch each (numba compilation, page faults), they take turns round by round,
+each round starting with a different one, so a change in memory bandwidth hits all alike. In a
+round each configuration runs two epochs back to back and only the second is timed: the first
+absorbs the switch from the configuration before it (caches and branch predictors holding the
+other one's data and code, idle cores asleep, the other's BLAS threads spinning down), which a
+user training one configuration epoch after epoch never pays. At the CNN1D's 13-20 ms epochs that
+switch cost the two-process configuration a third of its rate (2026-12-07: 220k samples/s timed
+right after a switch, 350-375k in epochs run back to back).
 
 Headline (last line): ``scaling mlp_speedup=X.XX cnn_speedup=X.XX``: median samples/s at the largest
 process count over median samples/s of "1p x 1 thread". The lines before it give the speedups over
@@ -170,6 +176,8 @@ def measure_workload(name, spec, cores, quick, quiet):
             load = CpuLoad()
             for runner in rotated(runners, turn):
                 time.sleep(_SETTLE_S)
+                if turn > 0:  # untimed: the switch from the previous configuration is not timed
+                    runner.epoch(examples, labels)
                 record = runner.epoch(examples, labels)
                 if turn > 0:  # the first round is the warm-up
                     runner.epochs.append(record)
