@@ -106,7 +106,7 @@ class TrainableMap:
         """The map of a StateLayout with the weights named in ``frozen`` left out."""
         frozen, ranges, offset = set(frozen), [], 0
         for name, shape in layout.weight_shapes:
-            count = int(math.prod(shape))
+            count = math.prod(map(int, shape))
             if name not in frozen and count:
                 if ranges and ranges[-1][1] == offset:
                     ranges[-1][1] = offset + count
@@ -146,14 +146,14 @@ class TrainableMap:
         weights, offset, cursor = {}, 0, 0
         trainable = [(a, b) for a, b in self.weight_ranges]
         for name, shape in layout.weight_shapes:
-            count = int(math.prod(shape))
+            count = math.prod(map(int, shape))
             if any(a <= offset and offset + count <= b for a, b in trainable) and count:
                 weights[name] = compact[cursor:cursor + count].reshape(shape)
                 cursor += count
             offset += count
         theta, cursor = {}, self.num_trainable
         for name, shape in layout.theta_shapes:
-            count = int(math.prod(shape))
+            count = math.prod(map(int, shape))
             theta[name] = compact[cursor:cursor + count].reshape(shape)
             cursor += count
         return weights, theta

@@ -36,11 +36,11 @@ class StateLayout:
     @functools.cached_property
     def num_weights(self):
         """Number of trainable float32 values (the length of a gradient)."""
-        return sum(int(math.prod(shape)) for _, shape in self.weight_shapes)
+        return sum(math.prod(map(int, shape)) for _, shape in self.weight_shapes)
 
     @functools.cached_property
     def num_theta(self):
-        return sum(int(math.prod(shape)) for _, shape in self.theta_shapes)
+        return sum(math.prod(map(int, shape)) for _, shape in self.theta_shapes)
 
     @functools.cached_property
     def size(self):
@@ -51,7 +51,7 @@ class StateLayout:
         weights, theta, offset = {}, {}, 0
         for entries, out in ((self.weight_shapes, weights), (self.theta_shapes, theta)):
             for name, shape in entries:
-                count = int(math.prod(shape))
+                count = math.prod(map(int, shape))
                 out[name] = buffer[offset:offset + count].reshape(shape)
                 offset += count
         return weights, theta

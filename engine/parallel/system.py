@@ -50,18 +50,24 @@ def bind_to_cores(cores):
 
 
 def batch_scheduling():
-    """Mark this process CPU-bound (``SCHED_BATCH``): when it wakes it does not preempt the
-    process running on its core, it waits for that one's turn to end.
+    """Mark this process CPU-bound (``SCHED_BATCH``, every thread it has): when it wakes it does
+    not preempt the process running on its core, it waits for that one's turn to end.
 
     Why: the owner starts a pass by writing to each worker's pipe in turn, and a woken worker
     bound to the owner's core used to take the core at once, so the owner wrote to the next one
     60-70 us later and that worker started its first step late (2 workers, a 2-core host). The
-    share of CPU a worker gets is the same. False where the system refuses (the run goes on).
+    share of CPU a worker gets is the same. Only the default policy is changed: a policy the
+    user chose (``chrt --idle``, a real-time one) is kept. The policy is per thread, so every
+    thread there is now (BLAS's pool, started when numpy loads) is switched; threads started
+    later inherit it. Returns False where nothing was switched (the run goes on).
     """
     try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        if os.sched_getscheduler(0) != os.SCHED_OTHER:
+            return False
+        for thread in os.listdir("/proc/self/task"):
+            os.sched_setscheduler(int(thread), os.SCHED_BATCH, os.sched_param(0))
         return True
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, ValueError):
         return False
 
 

@@ -28,8 +28,8 @@ def worker_main(worker_id, spec, command_pipe, answer_pipe):
     from engine.parallel.system import (batch_scheduling, bind_to_cores, keep_freed_memory,
                                         limit_threads)
     bound = spec.get("cores") is not None and bind_to_cores(spec["cores"])
-    batch_scheduling()
     thread_limit = limit_threads(spec["threads"])  # the limit lasts while it lives (del at the end)
+    batch_scheduling()  # after the BLAS pool exists: its threads too
     keep_freed_memory()
     command_fd, answer_fd = command_pipe.fileno(), answer_pipe.fileno()
     work = ws.Workspace(spec["workspace"], shared=True, create=False)
