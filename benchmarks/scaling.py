@@ -46,6 +46,8 @@ from engine import ParallelBatchProcessor, usable_cores
 from models import CNN1D, MLP
 
 LEARNING_RATE = 1e-3
+# Epochs each configuration runs, untimed, right before its timed one in every round (docstring).
+UNTIMED_EPOCHS_PER_ROUND = 1
 # An idle OpenBLAS thread spins for a while (about 2**28 cycles) before it sleeps; the pause keeps
 # the spinning threads of the previous configuration off the cores of the next one.
 _SETTLE_S = 0.15
@@ -177,7 +179,8 @@ def measure_workload(name, spec, cores, quick, quiet):
             for runner in rotated(runners, turn):
                 time.sleep(_SETTLE_S)
                 if turn > 0:  # untimed: the switch from the previous configuration is not timed
-                    runner.epoch(examples, labels)
+                    for _ in range(UNTIMED_EPOCHS_PER_ROUND):
+                        runner.epoch(examples, labels)
                 record = runner.epoch(examples, labels)
                 if turn > 0:  # the first round is the warm-up
                     runner.epochs.append(record)
@@ -201,7 +204,8 @@ def measure_workload(name, spec, cores, quick, quiet):
     blas = by_label["1p x BLAS default"]
     record = dict(workload=name, model=repr(model), num_values=num_weights,
                   batch_size=spec["batch_size"], examples_per_epoch=len(examples),
-                  timed_epochs=num_epochs, largest_label=largest["label"],
+                  timed_epochs=num_epochs, untimed_epochs_per_round=UNTIMED_EPOCHS_PER_ROUND,
+                  largest_label=largest["label"],
                   speedup_vs_single_thread=largest["samples_per_s_median"] /
                   single["samples_per_s_median"],
                   speedup_vs_blas_default=largest["samples_per_s_median"] /
