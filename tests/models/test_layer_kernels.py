@@ -12,7 +12,8 @@ from models.layers.conv_kernels import (activation_grad_into, activation_grad_re
 
 
 @pytest.mark.parametrize("kernel_size, stride, pad_left, length, out_length", [
-    (3, 1, 1, 7, 7), (5, 2, 1, 40, 19), (4, 3, 2, 11, 4), (3, 2, 0, 9, 4), (5, 1, 2, 3, 3)])
+    (3, 1, 1, 7, 7), (5, 2, 1, 40, 19), (4, 3, 2, 11, 4), (3, 2, 0, 9, 4), (5, 1, 2, 3, 3),
+    (2, 1, 3, 2, 6)])  # the last: receptive fields wholly before and wholly after the input
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_im2col_and_col2im_match_their_numpy_twins(kernel_size, stride, pad_left, length,
                                                    out_length, dtype):
