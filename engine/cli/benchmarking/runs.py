@@ -112,12 +112,27 @@ def measure_scaling(model, examples, labels, *, batch_size, process_counts=None,
     """Training samples/s at each process count (epochs of ``run_parallel``, Adam, gradients).
 
     ``1`` runs in this process with BLAS limited to one thread: the single-core baseline of the
-    parallel efficiency (rate / (N x single-core rate)).
+    parallel efficiency (rate / (N x single-core rate)). The counts take turns round by round;
+    in a round each runs an untimed epoch right before its timed one, so what the count before
+    it left behind (caches, sleeping cores) is not timed (benchmarks/scaling.py does the same).
     Returns ``{"configurations": [records], "batch_size", "examples"}``.
     """
     from threadpoolctl import threadpool_limits
     counts = process_counts or _process_counts(usable_cores())
     runners = {}
+
+    def epoch(count):
+        runner = runners[count]
+        limit = threadpool_limits(limits=1) if count == 1 else None
+        try:
+            began = time.perf_counter()
+            runner["state"], results = runner["processor"].run_parallel(
+                examples, labels, runner["state"], {"learning_rate": 1e-3})
+            return time.perf_counter() - began, results
+        finally:
+            if limit is not None:
+                limit.restore_original_limits()
+
     try:
         for count in counts:
             runners[count] = {"processor": ParallelBatchProcessor(
@@ -126,15 +141,9 @@ def measure_scaling(model, examples, labels, *, batch_size, process_counts=None,
         for turn in range(rounds + 1):
             for count in _rotated(counts, turn):
                 runner = runners[count]
-                limit = threadpool_limits(limits=1) if count == 1 else None
-                try:
-                    began = time.perf_counter()
-                    runner["state"], results = runner["processor"].run_parallel(
-                        examples, labels, runner["state"], {"learning_rate": 1e-3})
-                    seconds = time.perf_counter() - began
-                finally:
-                    if limit is not None:
-                        limit.restore_original_limits()
+                if turn:  # untimed: the switch from the count before it
+                    epoch(count)
+                seconds, results = epoch(count)
                 if turn:
                     runner["rates"].append(len(examples) / seconds)
                     runner["steps"].append({key: results[key].tolist() for key in
