@@ -6,6 +6,7 @@ import numpy as np
 
 from models.layers.base import Layer, check_init, check_positive_int, initial_kernel
 from models.layers.batchnorm_kernels import batch_norm_backward_into, batch_norm_forward_into
+from models.layers.loss_kernels import softmax_cross_entropy_into, softmax_cross_entropy_ref
 
 __all__ = ["Dense", "Identity", "ReLU", "Dropout", "Reshape", "Flatten", "BatchNorm", "BinaryLogits",
            "softmax", "softmax_cross_entropy"]
@@ -266,20 +267,17 @@ def softmax_cross_entropy(logits, labels):
 
     Returns:
         ``(loss, dlogits)``: the mean loss as a Python float and an array shaped like ``logits``.
+        One numba pass in float32 and float64 (``models.layers.loss_kernels``), NumPy otherwise.
     """
+    logits, labels = np.asarray(logits), np.asarray(labels)
     n, num_classes = logits.shape
+    if logits.dtype in (np.float32, np.float64) and labels.dtype.kind in "iu":
+        dlogits = np.empty_like(logits)
+        loss, bad_row = softmax_cross_entropy_into(dlogits, logits, labels)
+        if bad_row < 0:
+            return float(loss), dlogits
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must be class indices in [0, {num_classes}). Received labels in "
                          f"[{labels.min()}, {labels.max()}].")
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    total = exp.sum(axis=1)
-    rows = np.arange(n)
-    # log softmax(z)[y] = z[y] - log(sum(exp(z))), with z shifted so exp cannot overflow.
-    loss = float(np.mean(np.log(total) - shifted[rows, labels]))
-    dlogits = exp
-    dlogits /= total[:, None]
-    dlogits[rows, labels] -= 1.0
-    dlogits *= 1.0 / n
-    return loss, dlogits
+    return softmax_cross_entropy_ref(logits, labels)
 

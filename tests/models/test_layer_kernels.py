@@ -1,5 +1,5 @@
-"""The convolution and pooling numba kernels against their NumPy twins, and the float32 contract
-of the sequence layers (float32 in, float32 out, gradients included)."""
+"""The convolution, pooling and loss numba kernels against their NumPy twins, and the float32
+contract of the sequence layers (float32 in, float32 out, gradients included)."""
 import numpy as np
 import pytest
 
@@ -9,6 +9,7 @@ from models.layers.conv_kernels import (activation_grad_into, activation_grad_re
                                         bias_activation_into, bias_activation_ref, col2im_into,
                                         col2im_ref, im2col_into, im2col_ref, max_pool_into,
                                         max_pool_ref)
+from models.layers.loss_kernels import softmax_cross_entropy_into, softmax_cross_entropy_ref
 
 
 @pytest.mark.parametrize("kernel_size, stride, pad_left, length, out_length", [
@@ -81,3 +82,28 @@ def test_merge_layers_keep_float32(layer):
     y, cache = layer.forward(xs, {}, {})
     dxs, _ = layer.backward({}, cache, np.ones_like(y))
     assert y.dtype == np.float32 and all(dx.dtype == np.float32 for dx in dxs)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows, classes, offset", [(50, 10, 0.0), (7, 26, 1e4), (1, 2, -3.0)])
+def test_softmax_cross_entropy_kernel_matches_its_numpy_twin(dtype, rows, classes, offset):
+    rng = np.random.default_rng(rows)
+    logits = (rng.standard_normal((rows, classes)) * 4 + offset).astype(dtype)
+    labels = rng.integers(0, classes, rows)
+    dlogits = np.full_like(logits, np.nan)
+    loss, bad_row = softmax_cross_entropy_into(dlogits, logits, labels)
+    expected_loss, expected = softmax_cross_entropy_ref(logits, labels)
+    assert bad_row == -1
+    tolerance = 1e-6 if dtype == np.float32 else 1e-12
+    assert loss == pytest.approx(expected_loss, rel=tolerance, abs=tolerance)
+    np.testing.assert_allclose(dlogits, expected, rtol=tolerance * 10, atol=tolerance)
+
+
+def test_softmax_cross_entropy_kernel_reports_the_first_bad_label_and_empty_batches_are_nan():
+    dlogits = np.empty((3, 4), np.float32)
+    loss, bad_row = softmax_cross_entropy_into(dlogits, np.zeros((3, 4), np.float32),
+                                               np.array([1, 4, -1]))
+    assert bad_row == 1 and np.isnan(loss)
+    empty = np.empty((0, 4), np.float32)
+    loss, bad_row = softmax_cross_entropy_into(empty.copy(), empty, np.empty(0, np.int64))
+    assert bad_row == -1 and np.isnan(loss)
