@@ -89,13 +89,22 @@ class Conv1D(Layer):
         cache = (columns, x.shape, y if self.activation else None)
         return y.reshape(n, out_length, self.filters), cache
 
-    def backward(self, weights, cache, dy, *, need_input_grad=True):
+    writes_into_out = True  # backward(out=...) writes the gradients into given arrays
+
+    def backward(self, weights, cache, dy, *, need_input_grad=True, out=None):
         columns, input_shape, y = cache
         dy_rows = np.ascontiguousarray(dy).reshape(-1, self.filters)
         dz = np.empty_like(dy_rows)
-        dbias = np.empty(self.filters, dy.dtype)
+        # Straight into the engine's gradient slot when given one: nothing to allocate or copy.
+        into_out = out is not None and out["kernel"].dtype == dy.dtype and \
+            out["kernel"].flags.c_contiguous and out["bias"].dtype == dy.dtype
+        dbias = out["bias"] if into_out else np.empty(self.filters, dy.dtype)
         activation_grad_into(dz, dbias, dy_rows, dy_rows if y is None else y, y is not None)
-        grads = {"kernel": (columns.T @ dz).reshape(weights["kernel"].shape), "bias": dbias}
+        if into_out:
+            np.matmul(columns.T, dz, out=out["kernel"].reshape(-1, self.filters))
+            grads = out
+        else:
+            grads = {"kernel": (columns.T @ dz).reshape(weights["kernel"].shape), "bias": dbias}
         if not need_input_grad:
             return None, grads
         dcolumns = dz @ weights["kernel"].reshape(-1, self.filters).T
