@@ -125,6 +125,7 @@ class ParallelBatchProcessor(ProcessorSetup, ProcessorPass):
             cores = max(1, cores // self._local_ranks[1])
             self.threads_per_process = max(1, cores // self.num_processes)
         self._frozen_names, self._running_map = (), None
+        self._trainable_map_cache = None  # ((layout, frozen names), TrainableMap) of the last ask
         if freeze:
             self.set_frozen(freeze)
 

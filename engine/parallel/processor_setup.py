@@ -33,7 +33,7 @@ class ProcessorSetup:
     def _trainable_map(self, layout):
         """The map for ``layout`` and the frozen set, built once per pair (asked on every call)."""
         key = (layout, self._frozen_names)
-        cached = getattr(self, "_trainable_map_cache", None)
+        cached = self._trainable_map_cache
         if cached is None or cached[0] != key:
             cached = self._trainable_map_cache = (key, TrainableMap.of(layout, self._frozen_names))
         return cached[1]
