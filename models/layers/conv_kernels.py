@@ -104,13 +104,23 @@ def bias_activation_ref(y, bias, relu):
 
 @njit(**_FAST)
 def activation_grad_into(dz, dbias, dy, y, relu):
-    """dz = dy * (y > 0) (or dy), dbias = sum of dz over rows; ``y`` is the layer's output."""
-    dbias[:] = 0.0
-    for r in range(dy.shape[0]):
-        for f in range(dy.shape[1]):
-            value = dy[r, f] if (not relu or y[r, f] > 0) else 0.0
-            dz[r, f] = value
-            dbias[f] += value
+    """dz = dy * (y > 0) (or dy), dbias = sum of dz over rows; ``y`` is the layer's output.
+
+    The sum runs in a fresh local row, copied to ``dbias`` at the end: LLVM cannot rule out that
+    ``dbias`` overlaps ``dz`` and kept the loop scalar (11 us -> 7 us at the MNIST-1D's first
+    convolution, 950 x 25; 59 -> 41 us at 3968 x 64). Rows are summed in order, as before.
+    """
+    rows, filters = dy.shape
+    zero = dz.dtype.type(0.0)
+    total = np.zeros(filters, dbias.dtype)
+    for r in range(rows):
+        target, source, output = dz[r], dy[r], y[r]
+        for f in range(filters):
+            value = source[f] if (not relu or output[f] > zero) else zero
+            target[f] = value
+            total[f] += value
+    for f in range(filters):
+        dbias[f] = total[f]
 
 
 def activation_grad_ref(dy, y, relu):

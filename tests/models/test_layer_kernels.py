@@ -30,15 +30,17 @@ def test_im2col_and_col2im_match_their_numpy_twins(kernel_size, stride, pad_left
                                rtol=1e-6)
 
 
+@pytest.mark.parametrize("rows, filters", [(30, 5), (97, 25)])  # 25: vector width + a tail
 @pytest.mark.parametrize("relu", [False, True])
-def test_bias_activation_kernels_match_their_numpy_twins(relu):
+def test_bias_activation_kernels_match_their_numpy_twins(relu, rows, filters):
     rng = np.random.default_rng(1)
-    y, bias = rng.standard_normal((30, 5)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    y = rng.standard_normal((rows, filters)).astype(np.float32)
+    bias = rng.standard_normal(filters).astype(np.float32)
     expected = bias_activation_ref(y, bias, relu)
     bias_activation_into(y, bias, relu)
     np.testing.assert_array_equal(y, expected)
     dy = rng.standard_normal(y.shape).astype(np.float32)
-    dz, dbias = np.empty_like(dy), np.empty(5, np.float32)
+    dz, dbias = np.full_like(dy, np.nan), np.full(filters, np.nan, np.float32)
     activation_grad_into(dz, dbias, dy, y, relu)
     ref_dz, ref_dbias = activation_grad_ref(dy, y, relu)
     np.testing.assert_array_equal(dz, ref_dz)
