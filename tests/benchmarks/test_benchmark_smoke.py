@@ -30,7 +30,8 @@ HEADLINES = {
 # Runs of a script with extra arguments, under their own name: (script, arguments, headline).
 VARIANTS = {"vs_peers --native-only": (
     "vs_peers", ["--native-only"],
-    r"^vs_peers native_vs_fit=nan native_vs_torch_ddp=nan efficiency=\d+\.\d\d$")}
+    r"^vs_peers native_vs_fit=nan native_vs_torch_ddp=nan efficiency=\d+\.\d\d$"),
+    "layer_times --parts": ("layer_times", ["--parts"], HEADLINES["layer_times"])}
 NEEDS = {"latency": "tensorflow", "vs_peers": "tensorflow"}  # compared against a framework
 
 
@@ -54,5 +55,11 @@ def test_benchmark_runs_quick_and_prints_its_headline(run, tmp_path):
         assert document["headline"]["mlp_host_ceiling"] > 0
     if run == "vs_peers --native-only" and document["machine"]["usable_cores"] > 1:  # Z's ceiling
         assert document["measurements"]["host_ceiling"] > 0
+    if run == "layer_times --parts":  # every part ran and was timed
+        from models.layers._blas import numpy_gemm
+        parts = document["measurements"]["recurrent_parts_ms"]
+        expected = {"all-timestep gradient GEMMs"} | (
+            {"time loop, forward", "time loop, backward"} if numpy_gemm() else set())
+        assert set(parts) == expected and all(ms > 0 for ms in parts.values()), parts
     if name == "host_contention" and document["machine"]["usable_cores"] > 1:  # neighbours ran
         assert all(math.isfinite(ratio) and ratio > 0 for ratio in document["headline"].values())
