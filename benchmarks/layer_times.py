@@ -20,6 +20,7 @@ with the largest forward + backward time.
 import _common  # noqa: F401 - first: puts the repository root on sys.path
 
 import collections
+import importlib
 import time
 
 import numpy as np
@@ -52,7 +53,7 @@ def _timer(function, totals, key):
     return timed
 
 
-# (module, function, label) of what --parts times, in the order printed.
+# (module, function, label) of what --parts times; both loop kinds share a label.
 _PARTS = (("models.layers._recurrent_loops", "lstm_forward", "time loop, forward"),
           ("models.layers._recurrent_loops", "gru_forward", "time loop, forward"),
           ("models.layers._recurrent_loops", "lstm_backward", "time loop, backward"),
@@ -61,8 +62,8 @@ _PARTS = (("models.layers._recurrent_loops", "lstm_forward", "time loop, forward
 
 
 def timed_parts():
-    """Wrap the recurrent layers' parts (``_PARTS``) with timers; returns {label: seconds}."""
-    import importlib
+    """Wrap the recurrent layers' parts (``_PARTS``) with timers; returns {label: seconds}, in the
+    order the parts first run."""
     seconds = collections.defaultdict(float)
     for module_name, function, label in _PARTS:
         module = importlib.import_module(module_name)
