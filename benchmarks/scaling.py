@@ -30,7 +30,10 @@ right after a switch, 350-375k in epochs run back to back).
 
 Headline (last line): ``scaling mlp_speedup=X.XX cnn_speedup=X.XX``: median samples/s at the largest
 process count over median samples/s of "1p x 1 thread". The lines before it give the speedups over
-"1p x BLAS default" and the host ceiling (independent processes over "1p x 1 thread").
+"1p x BLAS default" and the host ceiling (independent processes over "1p x 1 thread"), and
+before them a table of issue 8's targets: each figure, its target, the host's ceiling for it
+(independent processes over the same baseline) and the verdict, "beyond the host's ceiling" when
+even processes that exchange nothing fell short of the target in this run (``_targets.py``).
 """
 import _common  # noqa: F401 - first: puts the repository root on sys.path
 
@@ -42,10 +45,18 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from _common import (QUIET_CORES, CpuLoad, QuietWaiter, format_seconds, log, report_cleanup,
                      parse_args, rotated, summarize, write_results)
 from _independent import IndependentRunner
+from _targets import print_targets, target_row
 from engine import ParallelBatchProcessor, usable_cores
 from models import CNN1D, MLP
 
 LEARNING_RATE = 1e-3
+# Issue 8's targets: (workload, against "single" = 1p x 1 thread or "blas" = 1p x BLAS default,
+# the largest process count's speedup it asks for).
+TARGETS = (("mlp", "single", 1.7), ("mlp", "blas", 1.2), ("cnn", "single", 1.5))
+_AGAINST = {  # baseline label, the record's speedup over it, the host's ceiling over it
+    "single": ("1p x 1 thread", "speedup_vs_single_thread", "host_ceiling_vs_single_thread"),
+    "blas": ("1p x BLAS default", "speedup_vs_blas_default", "host_ceiling_vs_blas_default")}
+_NAMES = {"mlp": "MLP", "cnn": "CNN1D"}
 # Epochs each configuration runs, untimed, right before its timed one in every round (docstring).
 UNTIMED_EPOCHS_PER_ROUND = 1
 # An idle OpenBLAS thread spins for a while (about 2**28 cycles) before it sleeps; the pause keeps
@@ -218,6 +229,8 @@ def measure_workload(name, spec, cores, quick, quiet):
     if ceiling is not None:
         record["host_ceiling_vs_single_thread"] = (ceiling["samples_per_s_median"] /
                                                    single["samples_per_s_median"])
+        record["host_ceiling_vs_blas_default"] = (ceiling["samples_per_s_median"] /
+                                                  blas["samples_per_s_median"])
         record["share_of_host_ceiling"] = (largest["samples_per_s_median"] /
                                            ceiling["samples_per_s_median"])
         record["round_shares_of_host_ceiling"] = [
@@ -260,7 +273,8 @@ def _print_table(record):
           f"{record['speedup_vs_blas_default']:.2f}x vs 1p x BLAS default")
     if "host_ceiling_vs_single_thread" in record:
         print(f"  host ceiling ({record['largest_label'][:2]} independent processes, nothing "
-              f"exchanged): {record['host_ceiling_vs_single_thread']:.2f}x vs 1p x 1 thread; "
+              f"exchanged): {record['host_ceiling_vs_single_thread']:.2f}x vs 1p x 1 thread, "
+              f"{record['host_ceiling_vs_blas_default']:.2f}x vs 1p x BLAS default; "
               f"the engine reaches {record['share_of_host_ceiling']:.0%} of it (per-round median "
               f"{np.median(record['round_shares_of_host_ceiling']):.0%})")
     quiet = record["quiet_rounds"]
@@ -273,6 +287,17 @@ def _print_table(record):
     print(flush=True)
 
 
+def scaling_targets(records):
+    """Issue 8's targets with this run's figures and the host's ceilings (``_targets``)."""
+    rows = []
+    for workload, against, target in TARGETS:
+        record = records[workload]
+        label, key, ceiling_key = _AGAINST[against]
+        rows.append(target_row(f"{_NAMES[workload]} {record['largest_label'][:2]} vs {label}",
+                               record[key], target, record.get(ceiling_key)))
+    return rows
+
+
 def main():
     args = parse_args(__doc__.splitlines()[0])
     cores = usable_cores()
@@ -283,13 +308,15 @@ def main():
     records = {name: measure_workload(name, spec, cores, args.quick, quiet)
                for name, spec in WORKLOADS.items()}
     cleanup, cpu = report_cleanup(load)
+    targets = scaling_targets(records)
     headline = {f"{name}_speedup": r["speedup_vs_single_thread"] for name, r in records.items()}
     headline.update({f"{name}_speedup_vs_blas_default": r["speedup_vs_blas_default"]
                      for name, r in records.items()})
     headline.update({f"{name}_host_ceiling": r["host_ceiling_vs_single_thread"]
                      for name, r in records.items() if "host_ceiling_vs_single_thread" in r})
     path = write_results("scaling", args, records, cleanup=cleanup, cpu_load=cpu,
-                         quiet_wait=quiet.report(), headline=headline)
+                         quiet_wait=quiet.report(), headline=headline, targets=targets)
+    print_targets(targets, "issue 8; the ceiling: independent processes, same model code")
     print(f"results: {path}")
     if "mlp_host_ceiling" in headline:
         print(f"scaling host ceiling (independent processes): "

@@ -33,7 +33,9 @@ ready) is taken from the engine's first epoch. Before that, one child process ti
 
 Headline (last line): ``vs_peers native_vs_fit=X native_vs_torch_ddp=Y efficiency=Z``: native
 engine rate / fit default rate; / torch DDP rate (nan without torch); / (cores x native 1-thread
-rate). Targets (issue 9): X >= 1.6, Y >= 1.2, Z >= 0.9, native 1 thread >= torch 1 thread.
+rate). Targets (issue 9): X >= 1.6, Y >= 1.2, Z >= 0.9, native 1 thread >= torch 1 thread; a
+table before the headline gives each with its verdict (``_targets.py``) and, for X, Y and Z, the
+host's ceiling: the figure at the independent processes' rate.
 The table also gives each ratio of every round's own rates, median over rounds (a drift of the
 host's speed between rounds cancels in them; ``per_round_medians`` in the JSON).
 ``--native-only`` runs the two native configurations alone (X and Y are nan): Z with the two
@@ -54,6 +56,7 @@ import numpy as np
 from _common import CpuLoad, QuietWaiter, format_seconds, leftovers, log, parse_args, rotated, \
     write_results
 from _independent import IndependentRunner
+from _targets import print_targets, target_row
 from vs_keras import (BATCH_SIZE, CLASSES, LEARNING_RATE, ROWS, SHAPE, SKIP_STEPS, EngineRunner,
                       FitRunner, _epoch_record, _step_sizes, make_data)
 
@@ -378,11 +381,13 @@ def main():
     summary["worker_start_s"] = ready_s
     cleanup, cpu = leftovers(), load.report()
     _print_summary(summary, cores)
+    targets = peer_targets(summary, cores)
     path = write_results("vs_peers", args, summary, rounds=history, cleanup=cleanup,
                          cpu_load=cpu, quiet_wait=quiet.report(), native_model=model_source,
                          workload=dict(rows=rows, batch_size=BATCH_SIZE, shape=SHAPE,
                                        classes=CLASSES, learning_rate=LEARNING_RATE,
-                                       skip_steps=SKIP_STEPS))
+                                       skip_steps=SKIP_STEPS), targets=targets)
+    print_targets(targets, "issue 9; the ceiling: independent processes, same model code")
     if cpu["other_processes_cores"] > 0.1:
         log(f"note: other processes used {cpu['other_processes_cores']:.2f} cores on average "
             "during the run; the timings may be disturbed")
@@ -421,6 +426,29 @@ def _summarize(runners, cores, lstm):
                 host_ceiling=rate.get(f"{cores}p independent", float("nan")) /
                 (cores * rate["native 1 thread"]),
                 share_of_host_ceiling=native / rate.get(f"{cores}p independent", float("nan")))
+
+
+def peer_targets(summary, cores):
+    """Issue 9's targets with this run's figures (``_targets``). The ceilings of X and Y are
+    what they would be had the engine run at the independent processes' rate."""
+    configurations = summary["configurations"]
+    rate = {label: c["steady_samples_per_s"] for label, c in configurations.items()}
+    nan = float("nan")
+    independent = rate.get(f"{cores}p independent", nan)
+    native = configurations[f"native {cores}p"]
+    rss_mb = max(native["peak_rss_bytes"]) / 1e6
+    start_s = summary["worker_start_s"].get(f"native {cores}p", nan)
+    return [
+        target_row("X: native vs fit default", summary["native_vs_fit"], 1.6,
+                   independent / rate.get("fit default", nan)),
+        target_row(f"Y: native vs torch DDP {cores}x1", summary["native_vs_torch_ddp"], 1.2,
+                   independent / rate.get(f"torch DDP {cores}x1", nan)),
+        target_row("Z: efficiency", summary["efficiency"], 0.9, summary["host_ceiling"],
+                   unit=""),
+        target_row("native 1 thread vs torch 1 thread",
+                   summary["native_1_thread_vs_torch_1_thread"], 1.0),
+        target_row("a native worker's peak RSS", rss_mb, 250.0, at_most=True, unit="MB"),
+        target_row("native worker pool ready", start_s, 1.0, at_most=True, unit="s")]
 
 
 def _per_round_medians(history, cores):

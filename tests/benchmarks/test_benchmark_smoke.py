@@ -55,6 +55,12 @@ def test_benchmark_runs_quick_and_prints_its_headline(run, tmp_path):
         assert document["headline"]["mlp_host_ceiling"] > 0
     if run == "vs_peers --native-only" and document["machine"]["usable_cores"] > 1:  # Z's ceiling
         assert document["measurements"]["host_ceiling"] > 0
+    if name in ("scaling", "vs_peers"):  # the issues' targets, each with a verdict
+        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+        from _targets import VERDICTS
+        targets = document["targets"]
+        assert targets and all(row["verdict"] in VERDICTS for row in targets), targets
+        assert targets[0]["verdict"] in printed_targets(finished.stdout)
     if run == "layer_times --parts":  # every part ran and was timed
         from models.layers._blas import numpy_gemm
         parts = document["measurements"]["recurrent_parts_ms"]
@@ -63,3 +69,10 @@ def test_benchmark_runs_quick_and_prints_its_headline(run, tmp_path):
         assert set(parts) == expected and all(ms > 0 for ms in parts.values()), parts
     if name == "host_contention" and document["machine"]["usable_cores"] > 1:  # neighbours ran
         assert all(math.isfinite(ratio) and ratio > 0 for ratio in document["headline"].values())
+
+
+def printed_targets(stdout):
+    """The printed targets table (the lines from "targets (" to the results line)."""
+    lines = stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("targets ("))
+    return "\n".join(lines[first:])
