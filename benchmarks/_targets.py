@@ -28,12 +28,16 @@ def verdict(measured, target, ceiling=None, *, at_most=False):
 
 
 def target_row(name, measured, target, ceiling=None, *, at_most=False, unit="x"):
-    """One target as the JSON keeps it (``ceiling`` None when the figure has none); ``unit``:
-    "x" (a speedup), "" (a plain ratio), "MB" or "s"."""
-    finite = ceiling is not None and math.isfinite(ceiling)
-    return dict(name=name, measured=measured, target=target, at_most=at_most, unit=unit,
-                host_ceiling=ceiling if finite else None,
+    """One target as the JSON keeps it: ``measured`` and ``host_ceiling`` None when not measured
+    or when the figure has no ceiling (JSON null, not NaN); ``unit``: "x" (a speedup), "" (a
+    plain ratio), "MB" or "s"."""
+    return dict(name=name, measured=_finite_or_none(measured), target=target, at_most=at_most,
+                unit=unit, host_ceiling=_finite_or_none(ceiling),
                 verdict=verdict(measured, target, ceiling, at_most=at_most))
+
+
+def _finite_or_none(value):
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 _FORMATS = {"x": "{:.2f}x", "": "{:.2f}", "MB": "{:,.0f} MB", "s": "{:.2f} s"}
@@ -46,7 +50,7 @@ def print_targets(rows, source):
     for row in rows:
         number = _FORMATS[row["unit"]].format
         ceiling = "-" if row["host_ceiling"] is None else number(row["host_ceiling"])
-        measured = "nan" if not math.isfinite(row["measured"]) else number(row["measured"])
+        measured = "-" if row["measured"] is None else number(row["measured"])
         sign = "<=" if row["at_most"] else ">="
         print(f"  {row['name']:<44} {measured:>9} {sign + ' ' + number(row['target']):>9} "
               f"{ceiling:>13}  {row['verdict']}")

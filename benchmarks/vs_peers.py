@@ -436,7 +436,8 @@ def peer_targets(summary, cores):
     nan = float("nan")
     independent = rate.get(f"{cores}p independent", nan)
     native = configurations[f"native {cores}p"]
-    rss_mb = max(native["peak_rss_bytes"]) / 1e6
+    # One core: the engine runs in this process, so there is no worker to measure.
+    rss_mb = max(native["peak_rss_bytes"]) / 1e6 if cores > 1 else nan
     start_s = summary["worker_start_s"].get(f"native {cores}p", nan)
     return [
         target_row("X: native vs fit default", summary["native_vs_fit"], 1.6,

@@ -60,7 +60,10 @@ def test_benchmark_runs_quick_and_prints_its_headline(run, tmp_path):
         from _targets import VERDICTS
         targets = document["targets"]
         assert targets and all(row["verdict"] in VERDICTS for row in targets), targets
-        assert targets[0]["verdict"] in printed_targets(finished.stdout)
+        table = printed_targets(finished.stdout)
+        for row in targets:  # each row printed with its own verdict at the end of its line
+            assert any(line.strip().startswith(row["name"]) and line.endswith(f"  {row['verdict']}")
+                       for line in table), (row, table)
     if run == "layer_times --parts":  # every part ran and was timed
         from models.layers._blas import numpy_gemm
         parts = document["measurements"]["recurrent_parts_ms"]
@@ -72,7 +75,14 @@ def test_benchmark_runs_quick_and_prints_its_headline(run, tmp_path):
 
 
 def printed_targets(stdout):
-    """The printed targets table (the lines from "targets (" to the results line)."""
+    """The lines of the printed targets table: after its "targets (" title, up to the first line
+    that is not one of its indented rows."""
     lines = stdout.splitlines()
-    first = next(i for i, line in enumerate(lines) if line.startswith("targets ("))
-    return "\n".join(lines[first:])
+    first = next((i for i, line in enumerate(lines) if line.startswith("targets (")), None)
+    assert first is not None, "no targets table in the output"
+    table = []
+    for line in lines[first + 2:]:  # past the title and the column names
+        if not line.startswith("  "):
+            break
+        table.append(line)
+    return table

@@ -34,3 +34,23 @@ def test_a_row_keeps_the_figures_and_drops_a_nan_ceiling():
     row = target_row("Y", 1.52, 1.2, math.nan)
     assert row == dict(name="Y", measured=1.52, target=1.2, at_most=False, unit="x",
                        host_ceiling=None, verdict=MET)
+
+
+def test_a_missing_figure_is_null_in_the_json_not_nan():
+    row = target_row("X", math.nan, 1.6, 1.8)
+    assert row["measured"] is None and row["host_ceiling"] == 1.8
+    assert row["verdict"] == NOT_MEASURED
+
+
+def test_a_one_core_scaling_run_measures_no_multi_process_target():
+    import scaling  # imports the engine; its targets are built from the records alone
+    one = dict(largest_label="1p x BLAS default", speedup_vs_single_thread=1.0,
+               speedup_vs_blas_default=1.0)
+    two = dict(largest_label="2p x 1 thread", speedup_vs_single_thread=1.66,
+               speedup_vs_blas_default=1.03, host_ceiling_vs_single_thread=1.74,
+               host_ceiling_vs_blas_default=1.08)
+    rows = scaling.scaling_targets({"mlp": one, "cnn": one})
+    assert [row["verdict"] for row in rows] == [NOT_MEASURED] * 3
+    rows = scaling.scaling_targets({"mlp": two, "cnn": two})
+    assert [row["verdict"] for row in rows] == [NOT_MET, BEYOND_HOST, MET]  # CNN1D: 1.66 >= 1.5
+    assert rows[0]["name"] == "MLP 2p vs 1p x 1 thread"
