@@ -1,10 +1,10 @@
 """The issues' performance targets and one run's verdict on each: met, not met, or beyond the host.
 
-A data-parallel engine cannot beat processes that never exchange anything: the benchmarks run
-such processes (``_independent.py``, the same model code, the same split, no synchronization) as
-the host's own ceiling. When that ceiling is below a target in a run, no exact data-parallel
-engine could have met the target there; the verdict says so instead of "not met", so a report
-tells the host's limits apart from the engine's. A target without a ceiling (a one-process
+A data-parallel engine cannot beat processes that never exchange anything: the benchmarks run such
+processes (``engine/cli/benchmarking/ceiling.py``: the same model code, the same split, no
+synchronization) as the host's own ceiling. When that ceiling is below a target in a run, no exact
+data-parallel engine could have met the target there; the verdict says so instead of "not met", so a
+report tells the host's limits apart from the engine's. A target without a ceiling (a one-process
 ratio, memory, start time) is met or not.
 """
 import math

@@ -14,10 +14,10 @@ thread each. So one process is measured twice:
 * "1p x 1 thread" (under ``threadpool_limits(1)``): the single-core rate, the baseline of parallel
   efficiency;
 * "1p x BLAS default": what a user gets without the engine (BLAS threads recorded in the JSON).
-* "Np independent" (``benchmarks/_independent.py``): N processes that never exchange anything,
-  each computing its shard of every batch and the Adam update of 1/N of the values: the host's
-  own ceiling for any data-parallel split (two busy cores against one, and the smaller step), which
-  the engine's rate is also given against.
+* "Np independent" (``engine/cli/benchmarking/ceiling.py``): N processes that never exchange
+  anything, each computing its shard of every batch and the Adam update of 1/N of the values: the
+  host's own ceiling for any data-parallel split (two busy cores against one, and the smaller step),
+  which the engine's rate is also given against.
 Every configuration keeps its processor (and worker pool) alive for the whole run; after one
 discarded warm-up epoch each (numba compilation, page faults), they take turns round by round,
 each round starting with a different one, so a change in memory bandwidth hits all alike. In a
@@ -44,9 +44,9 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 from _common import (QUIET_CORES, CpuLoad, QuietWaiter, format_seconds, log, report_cleanup,
                      parse_args, rotated, summarize, write_results)
-from _independent import IndependentRunner
 from _targets import print_targets, target_row
 from engine import ParallelBatchProcessor, usable_cores
+from engine.cli.benchmarking.ceiling import IndependentRunner
 from models import CNN1D, MLP
 
 LEARNING_RATE = 1e-3

@@ -16,11 +16,11 @@ turns epoch by epoch (each round starting with a different one):
 * ``torch DDP Nx1``: DistributedDataParallel over gloo, one rank per usable core, one thread each,
   the same global batch (each rank takes its share of every batch of 64);
 * ``Np independent`` (with more than one usable core): the host's own ceiling for Z, N forked
-  processes that never exchange anything (``benchmarks/_independent.py``), each computing its
-  shard of every batch and the Adam update of its share of the values. Its rate over cores x
-  native 1 thread is what two busy cores and the smaller step leave of Z before any
-  synchronization; native Np over it is the share of that ceiling the engine keeps (left out of
-  a ``--quick`` run with the peers; ``--quick --native-only`` runs it).
+  processes that never exchange anything (``engine/cli/benchmarking/ceiling.py``), each computing
+  its shard of every batch and the Adam update of its share of the values. Its rate over cores x
+  native 1 thread is what two busy cores and the smaller step leave of Z before any synchronization;
+  native Np over it is the share of that ceiling the engine keeps (left out of a ``--quick`` run
+  with the peers; ``--quick --native-only`` runs it).
 
 Rates are steady-state samples/s: examples of the steps after the first ``SKIP_STEPS`` of each
 epoch over the time they took (the engine's per-step ``wall_s``, the peers' step-end timestamps).
@@ -55,8 +55,8 @@ import numpy as np
 
 from _common import CpuLoad, QuietWaiter, format_seconds, leftovers, log, parse_args, rotated, \
     write_results
-from _independent import IndependentRunner
 from _targets import print_targets, target_row
+from engine.cli.benchmarking.ceiling import IndependentRunner
 from vs_keras import (BATCH_SIZE, CLASSES, LEARNING_RATE, ROWS, SHAPE, SKIP_STEPS, EngineRunner,
                       FitRunner, _epoch_record, _step_sizes, make_data)
 

@@ -176,6 +176,13 @@ def _print_table(kind, record, out):
                   f"{c['step_wall_s_median'] * 1e3:>6.2f} ms {c['step_sync_s_median'] * 1e3:>6.2f}"
                   " ms", file=out)
         print("  (1 process runs in this process with one BLAS thread: the baseline)", file=out)
+        ceiling = record.get("host_ceiling")
+        if ceiling:
+            print(f"  host ceiling: {ceiling['num_processes']} processes that exchange nothing "
+                  f"(the same model, shards and Adam) {ceiling['samples_per_s_median']:,.0f} "
+                  f"samples/s,\n  {ceiling['speedup']:.2f}x the baseline; the engine at "
+                  f"{ceiling['num_processes']} processes keeps {ceiling['engine_share']:.0%} of "
+                  "it (no data-parallel split beats it)", file=out)
     else:
         print(f"  {'processes':>9} {'step':>9} {'compute':>9} {'sync':>9} {'wait':>9} "
               f"{'other':>9} {'sync %':>7} {'samples/s':>10}", file=out)

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from engine.cli.benchmarking.ceiling import IndependentRunner
 from engine.cli.benchmarking.floor import CopyFloor
 from engine.cli.main import main
 
@@ -55,7 +56,8 @@ def test_bench_scaling_reports_speedup_and_efficiency_per_process_count(tmp_path
     assert main(["bench", "scaling", "--quick", "--model", "mlp", "--model-arg", "hidden=32",
                  "--input-shape", "20", "--classes", "3", "--batch-size", "64", "--examples",
                  "256", "--workers", "2", "--output-dir", str(out)]) == 0
-    assert "efficiency" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "efficiency" in printed
     document = json.loads((out / "scaling.json").read_text())
     assert document["model_args"]["sizes"] == [20, 32, 3] and document["input_shape"] == [20]
     configurations = document["results"]["configurations"]
@@ -65,7 +67,46 @@ def test_bench_scaling_reports_speedup_and_efficiency_per_process_count(tmp_path
         assert len(c["samples_per_s"]) == 2  # one per timed round (the warm-up discarded)
         assert c["speedup"] == pytest.approx(c["samples_per_s_median"] / single)
         assert c["parallel_efficiency"] == pytest.approx(c["speedup"] / c["num_processes"])
+    # The host's ceiling at the largest count took its turns too, and the engine is given over it.
+    ceiling = document["results"]["host_ceiling"]
+    assert ceiling["num_processes"] == 2 and len(ceiling["samples_per_s"]) == 2
+    assert ceiling["speedup"] == pytest.approx(ceiling["samples_per_s_median"] / single)
+    assert ceiling["engine_share"] == pytest.approx(
+        configurations[1]["samples_per_s_median"] / ceiling["samples_per_s_median"])
+    assert "host ceiling: 2 processes that exchange nothing" in printed
     _png_size(out / "scaling.png")
+
+
+class _ThreeArgumentMLP:
+    """A model whose loss_and_grads takes neither rng nor out (the minimal protocol)."""
+
+    def __init__(self):
+        from models import MLP
+        self.inner = MLP(sizes=(6, 8, 3))
+        self.input_shape, self.num_outputs = self.inner.input_shape, self.inner.num_outputs
+
+    def init_state(self, seed):
+        return self.inner.init_state(seed)
+
+    def loss_and_grads(self, state, x, y):
+        return self.inner.loss_and_grads(state, x, y)
+
+    def predict(self, state, x):
+        return self.inner.predict(state, x)
+
+
+def test_host_ceiling_runs_every_batch_in_processes_that_leave_nothing_behind(live_children):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 6)).astype(np.float32), rng.integers(0, 3, 40)
+    runner = IndependentRunner("2 independent", 2, _ThreeArgumentMLP(), 16, 1e-3)
+    try:
+        first, second = runner.epoch(x, y), runner.epoch(x, y)
+        assert len(live_children()) == 2  # started once, kept for the second epoch
+    finally:
+        runner.close()
+    assert first["steps"] == second["steps"] == 3  # 16 + 16 + 8 rows
+    assert all(seconds > 0 for seconds in second["compute_s"])
+    assert live_children() == []
 
 
 def test_bench_step_splits_the_step_into_phases_that_fit_in_it(tmp_path):

@@ -52,6 +52,10 @@ def _scaling(pyplot, record):
                label="measured (median)")
     single = configurations[0]["samples_per_s_median"]
     rates.plot(counts, [single * n for n in counts], ":", color="grey", label="linear from 1p")
+    ceiling = record.get("host_ceiling")
+    if ceiling:  # what processes that exchange nothing reach: the most any split can
+        rates.plot([ceiling["num_processes"]], [ceiling["samples_per_s_median"]], "s",
+                   color="tab:green", label="host ceiling (nothing exchanged)")
     rates.set(xlabel="processes", ylabel="training samples/s",
               title=f"batch {record['batch_size']}")
     rates.set_xticks(counts)

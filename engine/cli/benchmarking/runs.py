@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from engine.cli.benchmarking.ceiling import IndependentRunner
 from engine.core.state import NetworkState
 from engine.parallel.processor import ParallelBatchProcessor
 from engine.parallel.system import usable_cores
@@ -112,16 +113,27 @@ def measure_scaling(model, examples, labels, *, batch_size, process_counts=None,
     """Training samples/s at each process count (epochs of ``run_parallel``, Adam, gradients).
 
     ``1`` runs in this process with BLAS limited to one thread: the single-core baseline of the
-    parallel efficiency (rate / (N x single-core rate)). The counts take turns round by round;
-    in a round each runs an untimed epoch right before its timed one, so what the count before
-    it left behind (caches, sleeping cores) is not timed (benchmarks/scaling.py does the same).
-    Returns ``{"configurations": [records], "batch_size", "examples"}``.
+    parallel efficiency (rate / (N x single-core rate)). With a largest count N above 1, the host's
+    own ceiling takes its turn too: N processes that never exchange anything, each computing its
+    shard of every batch and Adam on its share of the values (``ceiling``); the engine at N
+    processes cannot beat them, and its share of their rate is what it keeps of what the host
+    allows. The configurations take turns round by round; in a round each runs an untimed epoch
+    right before its timed one, so what the one before it left behind (caches, sleeping cores)
+    is not timed (benchmarks/scaling.py does the same).
+    Returns ``{"configurations": [records], "host_ceiling": record or None, "batch_size",
+    "examples"}``.
     """
     from threadpoolctl import threadpool_limits
-    counts = process_counts or _process_counts(usable_cores())
+    counts = list(process_counts or _process_counts(usable_cores()))
+    largest = max(counts)
     runners = {}
+    ceiling = IndependentRunner(f"{largest} independent", largest, model, batch_size, 1e-3) \
+        if largest > 1 else None
+    ceiling_rates = []
 
     def epoch(count):
+        if count == "ceiling":
+            return ceiling.epoch(examples, labels)["seconds"], None
         runner = runners[count]
         limit = threadpool_limits(limits=1) if count == 1 else None
         try:
@@ -138,22 +150,30 @@ def measure_scaling(model, examples, labels, *, batch_size, process_counts=None,
             runners[count] = {"processor": ParallelBatchProcessor(
                 model, num_processes=count, batch_size=batch_size, optimizer="adam", seed=0),
                 "state": model.init_state(seed=0), "rates": [], "steps": []}
+        configurations = counts + (["ceiling"] if ceiling is not None else [])
         for turn in range(rounds + 1):
-            for count in _rotated(counts, turn):
-                runner = runners[count]
-                if turn:  # untimed: the switch from the count before it
+            for count in _rotated(configurations, turn):
+                if turn:  # untimed: the switch from the configuration before it
                     epoch(count)
                 seconds, results = epoch(count)
-                if turn:
-                    runner["rates"].append(len(examples) / seconds)
-                    runner["steps"].append({key: results[key].tolist() for key in
-                                            ("compute_s", "sync_s", "wait_s", "wall_s")})
+                if not turn:
+                    continue
+                if count == "ceiling":
+                    ceiling_rates.append(len(examples) / seconds)
+                    continue
+                runner = runners[count]
+                runner["rates"].append(len(examples) / seconds)
+                runner["steps"].append({key: results[key].tolist() for key in
+                                        ("compute_s", "sync_s", "wait_s", "wall_s")})
             if turn:
                 log(f"round {turn}/{rounds}: " + "  ".join(
-                    f"{count}p {runners[count]['rates'][-1]:,.0f}/s" for count in counts))
+                    f"{count}p {runners[count]['rates'][-1]:,.0f}/s" for count in counts) +
+                    (f"  host ceiling {ceiling_rates[-1]:,.0f}/s" if ceiling_rates else ""))
     finally:
         for runner in runners.values():
             runner["processor"].close()
+        if ceiling is not None:
+            ceiling.close()
     single = _median(runners[counts[0]]["rates"]) if counts[0] == 1 else float("nan")
     records = []
     for count in counts:
@@ -164,7 +184,15 @@ def measure_scaling(model, examples, labels, *, batch_size, process_counts=None,
                         "speedup": rate / single, "parallel_efficiency": rate / (count * single),
                         **{f"step_{key}_median": _median(np.concatenate([s[key] for s in steps]))
                            for key in ("compute_s", "sync_s", "wait_s", "wall_s")}})
-    return {"configurations": records, "batch_size": batch_size, "examples": len(examples)}
+    host_ceiling = None
+    if ceiling_rates:
+        rate = _median(ceiling_rates)
+        host_ceiling = {"num_processes": largest, "samples_per_s_median": rate,
+                        "samples_per_s": ceiling_rates, "speedup": rate / single,
+                        "engine_share": records[counts.index(largest)]["samples_per_s_median"] /
+                        rate}
+    return {"configurations": records, "host_ceiling": host_ceiling, "batch_size": batch_size,
+            "examples": len(examples)}
 
 
 def measure_step(model, examples, labels, *, batch_size, process_counts=None, steps=30,

@@ -3,10 +3,11 @@
 Each of N forked processes (one BLAS thread each) runs, for every batch of an epoch, the model's
 forward and backward pass on its shard of the batch (the engine's split, the same seeded row
 order), and the engine's Adam kernel on its 1/N of the values, out of place as the engine does.
-Nothing is averaged, nobody waits for anybody: what is left is what two busy cores of this host
+Nothing is averaged, nobody waits for anybody: what is left is what N busy cores of this host
 compute against one (a shared L3, memory bandwidth, clock speed under load) and the fixed cost of
 a smaller step. A data-parallel engine with free synchronization would reach this rate; the
-engine's rate over it is how much of the host's ceiling it keeps.
+engine's rate over it is how much of the host's ceiling it keeps. ``engine bench scaling`` and
+the repository's ``benchmarks/scaling.py`` and ``benchmarks/vs_peers.py`` run it.
 """
 import time
 
@@ -14,6 +15,7 @@ import multiprocess
 import numpy as np
 
 from engine.core.optim import Adam
+from engine.core.protocol import loss_and_grads_options
 from engine.core.sharding import split_batch
 
 
@@ -30,6 +32,7 @@ def _child(connection, index, count, model, batch_size, examples, labels, learni
     moments = [np.zeros((adam.num_buffers, size), np.float32) for _ in versions]
     flat_grads = np.zeros(size, np.float32)
     grads, _ = layout.views(flat_grads)
+    takes_out = loss_and_grads_options(model)[1]
     bounds = split_batch(layout.num_weights, count)
     start, stop = int(bounds[index]), int(bounds[index + 1])
     x = np.empty((batch_size,) + examples.shape[1:], np.float32)
@@ -50,7 +53,14 @@ def _child(connection, index, count, model, batch_size, examples, labels, learni
             if len(mine):
                 examples.take(mine, axis=0, out=x[:len(mine)])
                 labels.take(mine, out=y[:len(mine)])
-                model.loss_and_grads(states[step % 2], x[:len(mine)], y[:len(mine)], out=grads)
+                if takes_out:
+                    model.loss_and_grads(states[step % 2], x[:len(mine)], y[:len(mine)],
+                                         out=grads)
+                else:  # copied as the engine's worker copies them into its slot
+                    returned = model.loss_and_grads(states[step % 2], x[:len(mine)],
+                                                    y[:len(mine)])[1]
+                    for name, target in grads.items():
+                        np.copyto(target, returned[name])
                 following = (step + 1) % 2
                 adam.update_into(versions[following], moments[following], versions[step % 2],
                                  moments[step % 2], flat_grads, start, stop, learning_rate,
