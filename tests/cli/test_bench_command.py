@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from engine.cli.benchmarking.ceiling import IndependentRunner
 from engine.cli.benchmarking.floor import CopyFloor
 from engine.cli.main import main
+from models import MLP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -77,28 +79,14 @@ def test_bench_scaling_reports_speedup_and_efficiency_per_process_count(tmp_path
     _png_size(out / "scaling.png")
 
 
-class _ThreeArgumentMLP:
-    """A model whose loss_and_grads takes neither rng nor out (the minimal protocol)."""
-
-    def __init__(self):
-        from models import MLP
-        self.inner = MLP(sizes=(6, 8, 3))
-        self.input_shape, self.num_outputs = self.inner.input_shape, self.inner.num_outputs
-
-    def init_state(self, seed):
-        return self.inner.init_state(seed)
-
-    def loss_and_grads(self, state, x, y):
-        return self.inner.loss_and_grads(state, x, y)
-
-    def predict(self, state, x):
-        return self.inner.predict(state, x)
-
-
 def test_host_ceiling_runs_every_batch_in_processes_that_leave_nothing_behind(live_children):
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(40, 6)).astype(np.float32), rng.integers(0, 3, 40)
-    runner = IndependentRunner("2 independent", 2, _ThreeArgumentMLP(), 16, 1e-3)
+    inner = MLP(sizes=(6, 8, 3))  # wrapped: a loss_and_grads that takes neither rng nor out
+    model = types.SimpleNamespace(
+        init_state=inner.init_state,
+        loss_and_grads=lambda state, x, y: inner.loss_and_grads(state, x, y))
+    runner = IndependentRunner("2 independent", 2, model, 16, 1e-3)
     try:
         first, second = runner.epoch(x, y), runner.epoch(x, y)
         assert len(live_children()) == 2  # started once, kept for the second epoch
