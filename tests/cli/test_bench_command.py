@@ -97,6 +97,24 @@ def test_host_ceiling_runs_every_batch_in_processes_that_leave_nothing_behind(li
     assert live_children() == []
 
 
+def test_a_failing_host_ceiling_process_raises_its_error_and_leaves_nothing(live_children):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 6)).astype(np.float32), rng.integers(0, 3, 40)
+    inner = MLP(sizes=(6, 8, 3))
+
+    def loss_and_grads(state, x, y):
+        raise FloatingPointError("the model blew up")
+    model = types.SimpleNamespace(init_state=inner.init_state, loss_and_grads=loss_and_grads)
+    runner = IndependentRunner("2 independent", 2, model, 16, 1e-3)
+    try:
+        with pytest.raises(RuntimeError, match="(?s)host-ceiling process 0 of 2 failed.*"
+                                               "FloatingPointError: the model blew up"):
+            runner.epoch(x, y)
+    finally:
+        runner.close()
+    assert live_children() == []
+
+
 def test_bench_step_splits_the_step_into_phases_that_fit_in_it(tmp_path):
     out = tmp_path / "bench"
     assert main(["bench", "step", "--quick", "--batch-size", "50", "--examples", "200",

@@ -10,6 +10,7 @@ engine's rate over it is how much of the host's ceiling it keeps. ``engine bench
 the repository's ``benchmarks/scaling.py`` and ``benchmarks/vs_peers.py`` run it.
 """
 import time
+import traceback
 
 import multiprocess
 import numpy as np
@@ -19,7 +20,15 @@ from engine.core.protocol import loss_and_grads_options
 from engine.core.sharding import split_batch
 
 
-def _child(connection, index, count, model, batch_size, examples, labels, learning_rate):
+def _child(connection, *args):
+    """Run epochs until told to stop; a failure goes back to the parent as its traceback."""
+    try:
+        _epochs(connection, *args)
+    except Exception:  # noqa: BLE001 - reported to the parent, which raises it
+        connection.send(("failed", traceback.format_exc()))
+
+
+def _epochs(connection, index, count, model, batch_size, examples, labels, learning_rate):
     from threadpoolctl import threadpool_limits
 
     from engine.parallel.system import keep_freed_memory
@@ -67,7 +76,7 @@ def _child(connection, index, count, model, batch_size, examples, labels, learni
                                  step + 1, 1.0)
             step += 1
             times.append(time.perf_counter() - began)
-        connection.send(times)
+        connection.send(("done", times))
 
 
 class IndependentRunner:
@@ -101,7 +110,8 @@ class IndependentRunner:
         began = time.perf_counter()
         for _, connection in self._children:
             connection.send(order)
-        times = np.array([connection.recv() for _, connection in self._children])
+        times = np.array([self._answer(index, process, connection)
+                          for index, (process, connection) in enumerate(self._children)])
         seconds = time.perf_counter() - began
         compute = times.mean(axis=0)  # per step (the processes do not wait for each other)
         zeros = np.zeros_like(compute).tolist()
@@ -109,6 +119,20 @@ class IndependentRunner:
                     compute_s=compute.tolist(), sync_s=zeros, wait_s=zeros,
                     wall_s=compute.tolist(), outside_steps_s=seconds - float(compute.sum()),
                     mean_loss=float("nan"))
+
+    def _answer(self, index, process, connection):
+        """One process's step times for the epoch, or an error saying why it has none."""
+        try:
+            status, payload = connection.recv()
+        except (EOFError, OSError):
+            process.join(timeout=5)
+            status, payload = "failed", f"it exited with code {process.exitcode} (killed, or " \
+                                        "out of memory?) before answering"
+        if status != "done":
+            self.close()
+            raise RuntimeError(f"host-ceiling process {index} of {self.num_processes} failed, so "
+                               f"the ceiling of {self.label!r} cannot be measured: {payload}")
+        return payload
 
     def pids(self):
         """The processes' ids (none before the first epoch starts them)."""
