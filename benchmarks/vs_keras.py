@@ -52,7 +52,8 @@ def make_data(rows):
 
 # -- model.fit, in a child process (run with --fit-child) ------------------------------------
 def fit_child(threads, rows):
-    """Serve "epoch" commands on stdin: one model.fit epoch each, answered with a JSON line."""
+    """Serve "epoch [N]" commands on stdin: one model.fit epoch each over the first N rows (all
+    without N), answered with a JSON line."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
     if threads:
@@ -77,11 +78,13 @@ def fit_child(threads, rows):
                           inter=tf.config.threading.get_inter_op_parallelism_threads())),
           flush=True)
     for line in sys.stdin:
-        if line.strip() != "epoch":
+        command = line.split()
+        if not command or command[0] != "epoch":
             break
+        count = int(command[1]) if len(command) > 1 else rows
         began = time.perf_counter()
-        history = model.fit(x, y, batch_size=BATCH_SIZE, epochs=1, shuffle=True, verbose=0,
-                            callbacks=[timer])
+        history = model.fit(x[:count], y[:count], batch_size=BATCH_SIZE, epochs=1, shuffle=True,
+                            verbose=0, callbacks=[timer])
         seconds = time.perf_counter() - began
         print(json.dumps(dict(seconds=seconds, step_ends=timer.times,
                               loss=float(history.history["loss"][-1]),
@@ -106,7 +109,8 @@ class FitRunner:
         self.info = json.loads(self.process.stdout.readline())
 
     def epoch(self, examples_per_epoch):
-        self.process.stdin.write("epoch\n")
+        """One epoch over the first ``examples_per_epoch`` rows of the child's data."""
+        self.process.stdin.write(f"epoch {examples_per_epoch}\n")
         self.process.stdin.flush()
         answer = json.loads(self.process.stdout.readline())
         ends = np.asarray(answer["step_ends"])

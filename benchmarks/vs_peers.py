@@ -2,6 +2,7 @@
 PyTorch twin (default threads, and DDP/gloo with one rank per core), all in one run.
 
     .venv/bin/python benchmarks/vs_peers.py [--quick] [--rounds N] [--native-only]
+                                            [--paired-rounds N]
 
 Workload (issue 9, item 5): ``imu_cnn_bilstm`` (Conv1D(64,5)+BN, Conv1D(128,5), MaxPool(2),
 BiLSTM(128, sequences), BiLSTM(128), Dense(128), Dropout(0.3), Dense(26); 739,226 values),
@@ -40,6 +41,15 @@ The table also gives each ratio of every round's own rates, median over rounds (
 host's speed between rounds cancels in them; ``per_round_medians`` in the JSON).
 ``--native-only`` runs the two native configurations alone (X and Y are nan): Z with the two
 taking turns directly, not with four peers' epochs between them.
+
+After the epochs, *paired bursts* (``--paired-rounds``, default 10; one with ``--quick``; 0: none)
+measure the same ratios again, with every configuration taking its turn for a burst of
+``BURST_STEPS`` steps (the first ``SKIP_STEPS`` untimed) round after round: a round then lasts
+seconds, not minutes. This host's speed changes within a minute (the reference step alone took
+52 to 71 ms within 12 steps), so an epoch-long turn can land in another phase than its
+neighbour's; in bursts the configurations compared share a phase. The summary and the JSON
+(``paired_bursts``) give each ratio's median and quartiles over the rounds, and X's, Y's and Z's
+at the independent processes' rate; the headline and the targets stay the epochs' figures.
 """
 import _common  # noqa: F401 - first: puts the repository root on sys.path
 
@@ -64,6 +74,8 @@ QUICK_ROWS = 8 * BATCH_SIZE  # --quick: 8 steps per epoch, 3 of them timed
 
 _SETTLE_S = 0.5
 _QUIET_BUDGET_S = 120.0
+BURST_STEPS = 20  # a paired burst: SKIP_STEPS untimed steps, then the timed ones
+PAIRED_ROUNDS = 10
 _LIMITS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -110,7 +122,8 @@ def _torch_twin():
 
 
 def torch_child(rank, world, threads, rows, port):
-    """Serve "epoch" commands on stdin: one epoch each, answered with a JSON line."""
+    """Serve "epoch [N]" commands on stdin: one epoch each over the first N rows (all without N),
+    answered with a JSON line."""
     import torch
     if threads:
         torch.set_num_threads(threads)
@@ -127,12 +140,14 @@ def torch_child(rank, world, threads, rows, port):
     x, y = (torch.from_numpy(a) for a in make_data(rows))
     print(json.dumps(dict(ready=True, threads=torch.get_num_threads())), flush=True)
     for epoch, line in enumerate(sys.stdin):
-        if line.strip() != "epoch":
+        command = line.split()
+        if not command or command[0] != "epoch":
             break
-        order = torch.from_numpy(np.random.default_rng(epoch).permutation(rows))
+        count = int(command[1]) if len(command) > 1 else rows
+        order = torch.from_numpy(np.random.default_rng(epoch).permutation(count))
         began = time.perf_counter()
         ends, total = [began], 0.0
-        for start in range(0, rows, BATCH_SIZE):
+        for start in range(0, count, BATCH_SIZE):
             batch = order[start:start + BATCH_SIZE]
             share = -(-len(batch) // world)    # this rank's part of the global batch
             batch = batch[rank * share:(rank + 1) * share]
@@ -199,8 +214,9 @@ class TorchRunner:
         self.info = [json.loads(p.stdout.readline()) for p in self.processes]
 
     def epoch(self, rows):
+        """One epoch over the first ``rows`` rows of the children's data."""
         for process in self.processes:
-            process.stdin.write("epoch\n")
+            process.stdin.write(f"epoch {rows}\n")
             process.stdin.flush()
         answers = [json.loads(p.stdout.readline()) for p in self.processes]
         lead = answers[0]                          # ranks meet at every all-reduce: rank 0 speaks
@@ -316,6 +332,9 @@ def main():
     def options(parser):
         parser.add_argument("--rounds", type=int, default=None,
                             help="timed epochs per configuration (default 3, 1 with --quick)")
+        parser.add_argument("--paired-rounds", type=int, default=None,
+                            help=f"rounds of paired bursts after the epochs (default "
+                                 f"{PAIRED_ROUNDS}, 1 with --quick; 0: none)")
         parser.add_argument("--native-only", action="store_true",
                             help="only the two native configurations: their efficiency (Z) "
                                  "without the peers' epochs in between")
@@ -324,6 +343,8 @@ def main():
     cores = usable_cores()
     rows = QUICK_ROWS if args.quick else ROWS
     rounds = args.rounds or (1 if args.quick else 3)
+    paired_rounds = args.paired_rounds if args.paired_rounds is not None else (
+        1 if args.quick else PAIRED_ROUNDS)
     have_torch = importlib.util.find_spec("torch") is not None
     load = CpuLoad()
     quiet = QuietWaiter(0.0 if args.quick else _QUIET_BUDGET_S)
@@ -373,12 +394,14 @@ def main():
             log(f"{'warm-up' if turn == 0 else f'round {turn}/{rounds}'}  " +
                 "  ".join(f"{label}: {rate:,.0f}/s" for label, rate in rates.items()) +
                 f"  (other processes: {others:.2f} cores)")
+        bursts = paired_bursts(runners, data, paired_rounds, cores, quiet)
     finally:
         for runner in runners:
             runner.close()
     summary = _summarize(runners, cores, lstm)
     summary["per_round_medians"] = _per_round_medians(history, cores)
     summary["worker_start_s"] = ready_s
+    summary["paired_bursts"] = bursts
     cleanup, cpu = leftovers(), load.report()
     _print_summary(summary, cores)
     targets = peer_targets(summary, cores)
@@ -452,6 +475,45 @@ def peer_targets(summary, cores):
         target_row("native worker pool ready", start_s, 1.0, at_most=True, unit="s")]
 
 
+def paired_bursts(runners, data, rounds, cores, quiet):
+    """Every configuration in turn for ``BURST_STEPS`` steps, ``rounds`` times (module docstring);
+    returns the bursts' rates and each ratio's median and quartiles over the rounds."""
+    rows = min(len(data[0]), BURST_STEPS * BATCH_SIZE)
+    burst = (data[0][:rows], data[1][:rows])  # the same arrays each time: loaded by the engine once
+    history = []
+    for turn in range(rounds):
+        quiet.wait()
+        rates = {}
+        for runner in rotated(runners, turn):
+            time.sleep(_SETTLE_S)
+            record = runner.epoch(rows if isinstance(runner, (FitRunner, TorchRunner)) else burst)
+            rates[runner.label] = record["steady_samples_per_s"]
+        history.append(rates)
+        log(f"paired bursts {turn + 1}/{rounds}  " +
+            "  ".join(f"{label}: {rate:,.0f}/s" for label, rate in rates.items()))
+    return dict(rows=rows, rounds=history, ratios=_paired_ratios(history, cores))
+
+
+def _paired_ratios(history, cores):
+    """{name: {"median", "q25", "q75"}} of each round's own ratios (nan where a side is absent)."""
+    native, independent, ddp = f"native {cores}p", f"{cores}p independent", f"torch DDP {cores}x1"
+    ratios = {  # name: (numerator, denominator, cores in the denominator's factor)
+        "native_vs_fit": (native, "fit default", 1),
+        "native_vs_torch_ddp": (native, ddp, 1),
+        "efficiency": (native, "native 1 thread", cores),
+        "ceiling_vs_fit": (independent, "fit default", 1),
+        "ceiling_vs_torch_ddp": (independent, ddp, 1),
+        "host_ceiling": (independent, "native 1 thread", cores),
+        "share_of_host_ceiling": (native, independent, 1),
+        "native_1_thread_vs_torch_1_thread": ("native 1 thread", "torch 1 thread", 1)}
+    nan, figures = float("nan"), {}
+    for name, (top, bottom, factor) in ratios.items():
+        values = [rates.get(top, nan) / (factor * rates.get(bottom, nan)) for rates in history]
+        figures[name] = {key: float(np.quantile(values, q)) if values else nan
+                         for key, q in (("median", 0.5), ("q25", 0.25), ("q75", 0.75))}
+    return figures
+
+
 def _per_round_medians(history, cores):
     """X, Y and Z of each round's own rates, median over rounds: epochs of one round ran minutes
     apart at most, so a drift of the host's speed over the run cancels in them."""
@@ -509,7 +571,33 @@ def _print_summary(summary, cores):
               f"{rounds['share_of_host_ceiling']:.0%})")
     starts = ", ".join(f"{label} {seconds:.2f} s" for label, seconds in
                        summary["worker_start_s"].items())
-    print(f"  worker pool start (launch to every worker ready): {starts}\n")
+    print(f"  worker pool start (launch to every worker ready): {starts}")
+    _print_bursts(summary["paired_bursts"])
+    print()
+
+
+def _print_bursts(bursts):
+    if not bursts["rounds"]:
+        return
+    ratios = bursts["ratios"]
+
+    def figure(name, ceiling=None):
+        r = ratios[name]
+        if np.isnan(r["median"]):
+            return "not run"
+        text = f"{r['median']:.2f} [{r['q25']:.2f}-{r['q75']:.2f}]"
+        if ceiling is None or np.isnan(ratios[ceiling]["median"]):
+            return text
+        return f"{text}, ceiling {ratios[ceiling]['median']:.2f}"
+
+    print(f"  paired bursts ({len(bursts['rounds'])} rounds, every configuration {BURST_STEPS} "
+          f"steps in turn; median [quartiles] of each round's own ratios):")
+    print(f"    X native vs fit {figure('native_vs_fit', 'ceiling_vs_fit')}; Y vs torch DDP "
+          f"{figure('native_vs_torch_ddp', 'ceiling_vs_torch_ddp')}; Z efficiency "
+          f"{figure('efficiency', 'host_ceiling')}")
+    print(f"    native over the independent processes "
+          f"{figure('share_of_host_ceiling')}; native 1 thread vs torch 1 thread "
+          f"{figure('native_1_thread_vs_torch_1_thread')}")
 
 
 if __name__ == "__main__":

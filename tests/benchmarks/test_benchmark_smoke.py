@@ -55,6 +55,9 @@ def test_benchmark_runs_quick_and_prints_its_headline(run, tmp_path):
         assert document["headline"]["mlp_host_ceiling"] > 0
     if run == "vs_peers --native-only" and document["machine"]["usable_cores"] > 1:  # Z's ceiling
         assert document["measurements"]["host_ceiling"] > 0
+    if name == "vs_peers":  # the paired bursts ran once (--quick) and gave Z of their round
+        bursts = document["measurements"]["paired_bursts"]
+        assert len(bursts["rounds"]) == 1 and bursts["ratios"]["efficiency"]["median"] > 0
     if name in ("scaling", "vs_peers"):  # the issues' targets, each with a verdict
         sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
         from _targets import VERDICTS
