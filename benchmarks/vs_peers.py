@@ -378,9 +378,7 @@ def main():
                 quiet.wait()
             round_load, rates = CpuLoad(), {}
             for runner in rotated(runners, turn):
-                time.sleep(_SETTLE_S)
-                record = runner.epoch(rows if isinstance(runner, (FitRunner, TorchRunner))
-                                      else data)
+                record = _turn(runner, data)
                 record["memory"] = memory_of(runner.pids())
                 start_s = getattr(getattr(runner, "processor", None), "worker_start_s", None)
                 if start_s is not None:
@@ -485,17 +483,26 @@ def paired_bursts(runners, data, rounds, cores, quiet):
         quiet.wait()
         rates = {}
         for runner in rotated(runners, turn):
-            time.sleep(_SETTLE_S)
-            record = runner.epoch(rows if isinstance(runner, (FitRunner, TorchRunner)) else burst)
-            rates[runner.label] = record["steady_samples_per_s"]
+            rates[runner.label] = _turn(runner, burst)["steady_samples_per_s"]
         history.append(rates)
         log(f"paired bursts {turn + 1}/{rounds}  " +
             "  ".join(f"{label}: {rate:,.0f}/s" for label, rate in rates.items()))
-    return dict(rows=rows, rounds=history, ratios=_paired_ratios(history, cores))
+    return dict(rows=rows, rounds=history, ratios=_round_ratios(history, cores))
 
 
-def _paired_ratios(history, cores):
-    """{name: {"median", "q25", "q75"}} of each round's own ratios (nan where a side is absent)."""
+def _turn(runner, data):
+    """One epoch of ``runner`` over ``data`` (examples, labels), after the previous configuration's
+    idle threads had time to stop spinning; the peers' children hold the same rows and take their
+    count."""
+    time.sleep(_SETTLE_S)
+    if isinstance(runner, (FitRunner, TorchRunner)):
+        return runner.epoch(len(data[0]))
+    return runner.epoch(data)
+
+
+def _round_ratios(history, cores):
+    """{name: {"median", "q25", "q75"}} of each round's own ratios, from ``history``, a list of
+    {label: samples/s} per round (the epochs' rounds or the bursts'); nan where a side is absent."""
     native, independent, ddp = f"native {cores}p", f"{cores}p independent", f"torch DDP {cores}x1"
     ratios = {  # name: (numerator, denominator, cores in the denominator's factor)
         "native_vs_fit": (native, "fit default", 1),
@@ -517,19 +524,9 @@ def _paired_ratios(history, cores):
 def _per_round_medians(history, cores):
     """X, Y and Z of each round's own rates, median over rounds: epochs of one round ran minutes
     apart at most, so a drift of the host's speed over the run cancels in them."""
-    def ratio(rates, label, over, factor):
-        peer = rates.get(over)
-        return rates[label] / (factor * peer) if peer else float("nan")
-
-    native = f"native {cores}p"
-    medians = {}
-    for key, over, factor in (("native_vs_fit", "fit default", 1),
-                              ("native_vs_torch_ddp", f"torch DDP {cores}x1", 1),
-                              ("efficiency", "native 1 thread", cores),
-                              ("share_of_host_ceiling", f"{cores}p independent", 1)):
-        values = [ratio(r["steady_samples_per_s"], native, over, factor) for r in history]
-        medians[key] = float(np.median(values)) if values else float("nan")
-    return medians
+    ratios = _round_ratios([r["steady_samples_per_s"] for r in history], cores)
+    return {key: ratios[key]["median"] for key in ("native_vs_fit", "native_vs_torch_ddp",
+                                                   "efficiency", "share_of_host_ceiling")}
 
 
 def _print_summary(summary, cores):

@@ -8,7 +8,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from vs_peers import _paired_ratios  # noqa: E402
+from vs_peers import _round_ratios  # noqa: E402
 
 
 def _round(native, one_thread, independent, fit):
@@ -21,7 +21,7 @@ def test_each_ratio_comes_from_one_rounds_own_rates_not_from_totals():
     # round stay put; ratios of the runs' totals would mix the two phases.
     history = [_round(1000, 520, 1040, 600), _round(500, 260, 520, 300),
                _round(990, 500, 1000, 620)]
-    ratios = _paired_ratios(history, cores=2)
+    ratios = _round_ratios(history, cores=2)
     assert ratios["native_vs_fit"]["median"] == pytest.approx(1000 / 600)
     assert ratios["efficiency"]["median"] == pytest.approx(1000 / (2 * 520))
     assert ratios["share_of_host_ceiling"]["median"] == pytest.approx(1000 / 1040)
@@ -32,6 +32,6 @@ def test_each_ratio_comes_from_one_rounds_own_rates_not_from_totals():
 
 
 def test_a_ratio_whose_configuration_did_not_run_is_nan_and_no_rounds_give_nan():
-    ratios = _paired_ratios([_round(1000, 520, 1040, 600)], cores=2)
+    ratios = _round_ratios([_round(1000, 520, 1040, 600)], cores=2)
     assert math.isnan(ratios["native_vs_torch_ddp"]["median"])  # no torch DDP in the rounds
-    assert all(math.isnan(figure["median"]) for figure in _paired_ratios([], cores=2).values())
+    assert all(math.isnan(figure["median"]) for figure in _round_ratios([], cores=2).values())
